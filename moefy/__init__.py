@@ -1,0 +1,10 @@
+"""moefy: turn a dense pretrained transformer into a sparse Mixture-of-Experts model."""
+
+__version__ = "0.1.0"
+
+from .config import DataConfig, MoEConfig  # noqa: E402
+from .convert import MoEModel, convert  # noqa: E402
+from .evaluate import evaluate  # noqa: E402
+from .io import load, save  # noqa: E402
+
+__all__ = ["DataConfig", "MoEConfig", "MoEModel", "convert", "evaluate", "load", "save", "__version__"]

@@ -1,0 +1,20 @@
+"""Model families, keyed by `config.model_type`. Adding a family is one small file plus one line here."""
+
+from ..errors import UnsupportedModel
+from .base import DenseFFN, Family
+from .bert import BERT
+from .gpt2 import GPT2
+from .llama import LLAMA
+
+FAMILIES: dict[str, Family] = {t: f for f in (LLAMA, GPT2, BERT) for t in f.model_types}
+
+
+def family_for(config) -> Family:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise UnsupportedModel(
+            f"unsupported architecture {model_type!r}; moefy supports: {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[model_type]
+
+
+__all__ = ["DenseFFN", "Family", "FAMILIES", "UnsupportedModel", "family_for"]

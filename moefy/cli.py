@@ -1,0 +1,144 @@
+"""moefy's command line: parses flags, builds configs, calls one library function, renders."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import MoefyError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Turn a dense transformer into a sparse Mixture-of-Experts model.")
+
+
+def _run(fn):
+    """Run a command body: user errors become one line on stderr and exit code 2."""
+    try:
+        return fn()
+    except MoefyError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted; nothing was written", err=True)
+        raise typer.Exit(130)
+
+
+def _progress() -> bool:
+    return sys.stderr.isatty()
+
+
+@app.command()
+def convert(
+    model: str = typer.Option("smollm2-135m", help="Local HF folder, .gguf file, or smollm2-135m."),
+    calib: str = typer.Option("wiki-sample", help="Calibration text: wiki-sample, pydoc, a .txt or .jsonl file."),
+    out: Path = typer.Option(Path("runs/smol-moe"), help="Output folder."),
+    experts: int = typer.Option(96, help="Expert slots per FFN (shared slots included); must divide the FFN width."),
+    active: Optional[float] = typer.Option(0.5, help="Target share of FFN compute per token, router counted, in (0, 1]."),
+    tau: Optional[float] = typer.Option(None, help="Dynamic-k threshold in [0, 1) instead of a fixed top-k."),
+    method: str = typer.Option("coactivation", help="Grouping: random, param-kmeans, coactivation."),
+    router: str = typer.Option("mlp", help="Router: mlp, similarity, representative."),
+    router_loss: str = typer.Option("norm", help="mlp router target: norm (D2DMoE) or bce (MoEfication)."),
+    shared: float = typer.Option(0.0, help="Share of expert slots given to always-on shared neurons (CMoE)."),
+    calib_tokens: int = typer.Option(16384, help="Calibration tokens."),
+    seq_len: int = typer.Option(256, help="Tokens per block."),
+    seed: int = typer.Option(0),
+    evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Evaluate dense vs MoE after converting."),
+    eval_data: str = typer.Option("wiki-sample:heldout", help="Held-out text for --eval."),
+    eval_tokens: int = typer.Option(8192, help="Held-out tokens for --eval."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the evaluation as JSON here."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+    verbose: bool = typer.Option(False, "-v", "--verbose"),
+):
+    """Convert a dense model into an MoE model and save it (then evaluate it, by default)."""
+    _logging(verbose)
+
+    def body():
+        from . import convert as convert_fn, save
+        from .config import DataConfig, MoEConfig
+        from .io import check_target
+
+        check_target(out, overwrite)
+        if json_out is not None:
+            check_target(json_out, overwrite)
+        moe_cfg = MoEConfig(num_experts=experts, active=None if tau is not None else active, tau=tau,
+                            method=method, router=router, router_loss=router_loss, shared=shared, seed=seed)
+        data_cfg = DataConfig(source=calib, seq_len=seq_len, tokens=calib_tokens)
+        moe_cfg.validate()
+        data_cfg.validate()
+        m = convert_fn(model, moe=moe_cfg, data=data_cfg, progress=_progress())
+        if evaluate:
+            _evaluate(m, eval_data, eval_tokens, seq_len, json_out, overwrite=True)
+        save(m, out, overwrite=overwrite)
+        typer.echo(f"saved {out}")
+
+    _run(body)
+
+
+@app.command("eval")
+def eval_cmd(
+    run: Path = typer.Argument(..., help="A folder written by `moefy convert`."),
+    data: str = typer.Option("wiki-sample:heldout", help="Evaluation text."),
+    tokens: int = typer.Option(8192, help="Evaluation tokens."),
+    seq_len: int = typer.Option(256, help="Tokens per block."),
+    top_k: Optional[int] = typer.Option(None, help="Override the saved fixed top-k."),
+    tau: Optional[float] = typer.Option(None, help="Override with dynamic-k at this threshold."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON here."),
+    verbose: bool = typer.Option(False, "-v", "--verbose"),
+):
+    """Held-out perplexity and FFN FLOPs of the dense and the MoE model, side by side."""
+    _logging(verbose)
+
+    def body():
+        from . import load
+
+        m = load(run)
+        if top_k is not None or tau is not None:
+            m.set_routing(top_k=top_k, tau=tau)
+        _evaluate(m, data, tokens, seq_len, json_out, overwrite=True)
+
+    _run(body)
+
+
+def _evaluate(m, data, tokens, seq_len, json_out, overwrite):
+    from . import data as data_mod
+    from .evaluate import evaluate
+    from .io import write_json
+
+    blocks = data_mod.blocks(data, m.tokenizer, seq_len, max_tokens=tokens)
+    result = evaluate(m, blocks, progress=_progress())
+    result["data"] = data
+    typer.echo(render(result))
+    if json_out is not None:
+        write_json(json_out, result, overwrite=overwrite)
+
+
+def render(r: dict) -> str:
+    d, m = r["dense"], r["moe"]
+    rows = [("", "dense", "moe")]
+    if "ppl" in d:
+        rows.append(("perplexity", f"{d['ppl']:.3f}", f"{m['ppl']:.3f} ({r['ppl_ratio']:.2f}x)"))
+    else:
+        rows.append(("cosine to dense", "1.000", f"{m['cosine_to_dense']:.4f}"))
+    rows += [("FFN MFLOPs/token", f"{d['ffn_flops_per_token'] / 1e6:.1f}", f"{m['ffn_flops_per_token'] / 1e6:.1f}"),
+             ("active FFN share", "100.0%", f"{m['active_ffn_share']:.1%}"),
+             ("active neurons", "100.0%", f"{m['active_neuron_share']:.1%}")]
+    w = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = [f"{a:<{w[0]}}  {b:>{w[1]}}  {c:>{w[2]}}" for a, b, c in rows]
+    return "\n".join([f"{r.get('data', '')}: {r['tokens']} tokens", *lines])
+
+
+def _logging(verbose: bool):
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
+    if not verbose:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+
+
+if __name__ == "__main__":
+    app()

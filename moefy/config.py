@@ -1,0 +1,73 @@
+"""Settings for each pipeline stage: frozen dataclasses, each field with its unit."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "wiki-sample"      # calibration text: built-in name[:split], .txt or .jsonl
+    seq_len: int = 256               # tokens per block
+    tokens: int = 16384              # calibration tokens (rounded down to whole blocks)
+    batch_size: int = 8              # blocks per forward pass
+
+    def validate(self):
+        if self.seq_len < 8:
+            raise ConfigError(f"seq_len must be at least 8, got {self.seq_len}")
+        if self.tokens < self.seq_len:
+            raise ConfigError(f"tokens ({self.tokens}) must be at least one block of seq_len ({self.seq_len})")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be positive, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    num_experts: int = 96            # expert slots per FFN, shared slots included; FFN width / this = neurons per expert
+    active: float | None = 0.5       # target FFN compute share per token, router and shared experts counted, in (0, 1]
+    tau: float | None = None         # dynamic-k threshold in [0, 1); replaces the fixed top-k from `active`
+    method: str = "coactivation"     # neuron grouping, see grouping.GROUPINGS
+    shared: float = 0.0              # share of expert slots that become always-on shared neurons, [0, 1)
+    router: str = "mlp"              # router kind, see moe_layer.ROUTERS
+    router_hidden: int = 128         # hidden width of the mlp router
+    router_loss: str = "norm"        # mlp router target: "norm" (D2DMoE, MSE on expert output norms) or "bce" (MoEfication)
+    router_steps: int = 400          # Adam steps per layer for trained routers
+    router_lr: float = 3e-3          # Adam learning rate for trained routers
+    marker_share: float = 0.25       # a neuron is "active" on a token when in that token's top share by |h|
+    seed: int = 0                    # seeds grouping and router training
+
+    def validate(self, ffn_width: int | None = None):
+        from .grouping import GROUPINGS
+        from .moe_layer import ROUTERS
+
+        if self.method not in GROUPINGS:
+            raise ConfigError(f"unknown method {self.method!r}; choose from {', '.join(GROUPINGS)}")
+        if self.router not in ROUTERS:
+            raise ConfigError(f"unknown router {self.router!r}; choose from {', '.join(ROUTERS)}")
+        if self.router_loss not in ("norm", "bce"):
+            raise ConfigError(f"unknown router loss {self.router_loss!r}; choose norm or bce")
+        if self.num_experts < 2:
+            raise ConfigError(f"experts must be at least 2, got {self.num_experts}")
+        if self.active is None and self.tau is None:
+            raise ConfigError("give an active share or a tau")
+        if self.active is not None and not 0 < self.active <= 1:
+            raise ConfigError(f"active share must be in (0, 1], got {self.active}")
+        if self.tau is not None and not 0 <= self.tau < 1:
+            raise ConfigError(f"tau must be in [0, 1), got {self.tau}")
+        if not 0 <= self.shared < 1:
+            raise ConfigError(f"shared share must be in [0, 1), got {self.shared}")
+        if not 0 < self.marker_share <= 1:
+            raise ConfigError(f"marker share must be in (0, 1], got {self.marker_share}")
+        if ffn_width is not None:
+            if self.num_experts > ffn_width:
+                raise ConfigError(f"experts ({self.num_experts}) cannot exceed the FFN width ({ffn_width})")
+            if ffn_width % self.num_experts:
+                ok = [e for e in (8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768) if ffn_width % e == 0]
+                raise ConfigError(f"experts ({self.num_experts}) must divide the FFN width ({ffn_width}); "
+                                  f"try one of {ok}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

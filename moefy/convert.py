@@ -1,0 +1,125 @@
+"""The conversion pipeline, top to bottom:
+profile activations -> group neurons into experts -> build routers -> swap FFN for MoE."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from . import data as data_mod
+from . import models
+from .arch import Family, family_for
+from .config import DataConfig, MoEConfig
+from .errors import ConfigError
+from .grouping import NEEDS_COACTIVATION, split_neurons
+from .modeling_moefy import install_moe
+from .moe_layer import MoEFFN, top_k_for_share
+from .profiling import profile
+from .routing import build_router, router_spec
+
+log = logging.getLogger(__name__)
+
+MIN_CALIB_TOKENS = {"mlp": 2048}  # trained routers need this many tokens; others need one block
+
+
+@dataclass
+class MoEModel:
+    """A converted model: the transformers model with MoEFFN layers, its tokenizer, and the
+    record of how it was made (settings, per-layer assignment and router metrics)."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    record: dict = field(default_factory=dict)
+
+    @property
+    def family(self) -> Family:
+        return family_for(self.model.config)
+
+    @property
+    def layers(self) -> list[MoEFFN]:
+        return [m for m in self.model.modules() if isinstance(m, MoEFFN)]
+
+    def set_routing(self, *, top_k: int | None = None, tau: float | None = None):
+        """Change the selection rule after conversion: a fixed top-k, or dynamic-k with tau."""
+        for layer in self.layers:
+            E = layer.spec["num_experts"]
+            if top_k is not None and not 1 <= top_k <= E:
+                raise ConfigError(f"top-k must be in [1, {E}], got {top_k}")
+            if tau is not None and not 0 <= tau < 1:
+                raise ConfigError(f"tau must be in [0, 1), got {tau}")
+            if top_k is None and tau is None:
+                raise ConfigError("give top_k or tau")
+            layer.top_k, layer.tau = top_k, tau
+            layer.spec.update(top_k=top_k, tau=tau)
+
+    @contextlib.contextmanager
+    def all_experts(self):
+        """Every expert active: the model computes exactly the dense model."""
+        for layer in self.layers:
+            layer.all_experts = True
+        try:
+            yield self
+        finally:
+            for layer in self.layers:
+                layer.all_experts = False
+
+
+def convert(model, calib: str = "wiki-sample", moe: MoEConfig = MoEConfig(),
+            data: DataConfig | None = None, *, tokenizer=None, progress: bool = False) -> MoEModel:
+    """Turn a dense model (a name/path for models.load, or a loaded transformers model with its
+    tokenizer) into an MoE model, using calibration text `calib`."""
+    data = data or DataConfig(source=calib)
+    if isinstance(model, str):
+        loaded = models.load(model)
+        model, tokenizer, source = loaded.model, loaded.tokenizer, loaded.source
+    else:
+        source = getattr(model.config, "_name_or_path", "") or type(model).__name__
+    if tokenizer is None:
+        raise ConfigError("convert() needs the tokenizer along with a loaded model")
+    family = family_for(model.config)
+    blocks = family.block_list(model)
+    width = family.dense_ffn(blocks[0], model.config).width
+    moe.validate(width)
+    data.validate()
+
+    calib_blocks = data_mod.blocks(data.source, tokenizer, data.seq_len, max_tokens=data.tokens,
+                                   min_tokens=MIN_CALIB_TOKENS.get(moe.router, data.seq_len))
+    stats = profile(model, family, calib_blocks, batch_size=data.batch_size, marker_share=moe.marker_share,
+                    coactivation=moe.method in NEEDS_COACTIVATION, keep_inputs=data.tokens, progress=progress)
+
+    layers, reports = [], []
+    for i, block in enumerate(tqdm(blocks, desc="experts and routers", disable=not progress)):
+        ffn = family.dense_ffn(block, model.config)
+        split = split_neurons(moe.method, ffn, stats[i], moe.num_experts, moe.shared, moe.seed + i)
+        layer = MoEFFN.from_dense(ffn, split.shared, split.experts, router_spec(moe.router, moe))
+        layer.top_k, layer.tau = _selection(layer, moe)
+        layer.spec.update(top_k=layer.top_k, tau=layer.tau)
+        torch.manual_seed(moe.seed + i)
+        metrics = build_router(layer, stats[i].inputs, moe)
+        layers.append(layer.requires_grad_(False))
+        reports.append({"layer": i, "top_k": layer.top_k, **metrics})
+        stats[i] = None  # free the layer's statistics as we go
+        log.info("layer %d: %s", i, metrics)
+
+    model.config.moefy = {"blocks": family.blocks_path(model), "ffn": family.ffn,
+                          "identity": list(family.identity), "layers": [l.spec for l in layers]}
+    install_moe(model, model.config.moefy, layers)
+    record = {"source": source, "family": family.name, "calibration": {**data.__dict__, "tokens_used": calib_blocks.numel()},
+              "moe": moe.to_dict(), "layers": reports}
+    return MoEModel(model.eval(), tokenizer, record)
+
+
+def _selection(layer: MoEFFN, moe: MoEConfig) -> tuple[int | None, float | None]:
+    if moe.tau is not None:
+        return None, moe.tau
+    k = top_k_for_share(layer.spec, layer.router, moe.active)
+    if k < 1:
+        share = layer.flops_per_token(0)  # router + shared neurons
+        raise ConfigError(f"active share {moe.active} leaves no room for a routed expert: the router and "
+                          f"shared neurons already cost {share / layer.dense_flops_per_token():.1%} of the FFN; "
+                          "raise --active, lower --shared or use more, smaller experts")
+    return k, None

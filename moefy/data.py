@@ -1,0 +1,118 @@
+"""Text sources for calibration and evaluation, tokenised into fixed-length blocks.
+
+Built-in sources are split by document (every 5th document is held out), never by position
+inside one stream, so held-out text is really held out:
+  wiki-sample[:calib|:heldout|:all]  Wikipedia excerpt shipped in the gensim wheel, markup stripped
+  pydoc[:calib|:heldout|:all]        CPython's language reference topics (pydoc_data)
+User files: a .txt file (documents separated by blank lines) or a .jsonl file with a "text" field.
+"""
+
+from __future__ import annotations
+
+import bz2
+import functools
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+HELDOUT_EVERY = 5
+MIN_DOC_CHARS = 200
+WIKI_FILE = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+
+
+from .errors import DataError
+
+
+@functools.lru_cache(maxsize=None)
+def wiki_documents() -> tuple[str, ...]:
+    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+
+    path = Path(importlib.util.find_spec("gensim").origin).parent / WIKI_FILE
+    docs = []
+    with bz2.open(path) as f:
+        for title, text, _ in extract_pages(f):
+            if text.lstrip().lower().startswith("#redirect"):
+                continue
+            clean = "\n".join(line.strip() for line in filter_wiki(text).splitlines() if line.strip())
+            if len(clean) >= MIN_DOC_CHARS:
+                docs.append(f"{title}\n{clean}")
+    return tuple(docs)
+
+
+@functools.lru_cache(maxsize=None)
+def pydoc_documents() -> tuple[str, ...]:
+    from pydoc_data.topics import topics
+
+    return tuple(topics[k].strip() for k in sorted(topics) if len(topics[k].strip()) >= MIN_DOC_CHARS)
+
+
+BUILTIN = {"wiki-sample": wiki_documents, "pydoc": pydoc_documents}
+
+
+def split(docs, part: str) -> list[str]:
+    if part == "all":
+        return list(docs)
+    if part not in ("calib", "heldout"):
+        raise DataError(f"unknown split {part!r}; use calib, heldout or all")
+    held = part == "heldout"
+    return [d for i, d in enumerate(docs) if (i % HELDOUT_EVERY == HELDOUT_EVERY - 1) == held]
+
+
+def documents(spec: str) -> list[str]:
+    """The documents a spec names: a built-in source with an optional split, or a file."""
+    name, _, part = spec.partition(":")
+    if name in BUILTIN:
+        return split(BUILTIN[name](), part or "calib")
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise DataError(f"no text source {spec!r}: use {', '.join(BUILTIN)} (optionally :calib, "
+                        ":heldout or :all), a .txt file or a .jsonl file with a \"text\" field")
+    raw = path.read_bytes()
+    if b"\x00" in raw[:4096]:
+        raise DataError(f"{path} looks binary; give a UTF-8 text or JSONL file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text ({exc})") from exc
+    docs = _jsonl(path, text) if path.suffix == ".jsonl" else [d.strip() for d in text.split("\n\n")]
+    docs = [d for d in docs if d]
+    if not docs:
+        raise DataError(f"{path} holds no text")
+    return docs
+
+
+def _jsonl(path, text):
+    docs = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            docs.append(json.loads(line)["text"])
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise DataError(f"{path}:{n}: each line must be a JSON object with a \"text\" field") from exc
+    return docs
+
+
+def blocks(spec: str, tokenizer, seq_len: int, max_tokens: int | None = None,
+           min_tokens: int | None = None) -> torch.Tensor:
+    """Documents tokenised, joined with EOS and cut into [B, seq_len] blocks (the tail is dropped)."""
+    docs = documents(spec)
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for doc in docs:
+        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            ids.append(eos)
+        if max_tokens and len(ids) >= max_tokens + seq_len:
+            break
+    n_blocks = len(ids) // seq_len
+    if max_tokens:
+        n_blocks = min(n_blocks, max(1, max_tokens // seq_len))
+    have = n_blocks * seq_len
+    if n_blocks == 0 or (min_tokens and have < min_tokens):
+        need = max(min_tokens or 0, seq_len)
+        raise DataError(f"{spec!r} gives {len(ids)} tokens, fewer than the {need} needed "
+                        f"(blocks of {seq_len}); give more text or lower --seq-len / the token count")
+    return torch.tensor(ids[:have]).view(n_blocks, seq_len)

@@ -1,0 +1,69 @@
+"""Quality and compute of an MoE model against its dense self, on the same tokens in one run.
+
+The dense reference is the same MoE model with every expert active, which computes exactly the
+dense FFN (tested), so no second copy of the dense model is needed."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .convert import MoEModel
+
+
+@torch.no_grad()
+def perplexity(model, blocks: torch.Tensor, batch_size: int = 8, progress: bool = False,
+               desc: str = "perplexity") -> tuple[float, int]:
+    """Causal-LM perplexity over [B, L] blocks (each block scored on its own); (ppl, tokens)."""
+    nll, count = 0.0, 0
+    for batch in tqdm(blocks.split(batch_size), desc=desc, disable=not progress):
+        logits = model(input_ids=batch.to(model.device)).logits[:, :-1]
+        target = batch[:, 1:].to(logits.device)
+        nll += float(F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), reduction="sum"))
+        count += target.numel()
+    return math.exp(nll / count), count
+
+
+@torch.no_grad()
+def hidden_states(model, blocks, batch_size=8):
+    return torch.cat([model(input_ids=b.to(model.device)).last_hidden_state.flatten(0, 1).float()
+                      for b in blocks.split(batch_size)])
+
+
+def compute(m: MoEModel) -> dict:
+    """FFN FLOPs per token (router counted) from the counts of the last MoE-mode run."""
+    dense = sum(layer.dense_flops_per_token() for layer in m.layers)
+    moe = sum(layer.flops_per_token(layer.mean_k()) for layer in m.layers)
+    neurons = sum(layer.spec["shared"] + layer.mean_k() * layer.spec["expert_size"] for layer in m.layers)
+    width = sum(layer.spec["shared"] + layer.spec["num_experts"] * layer.spec["expert_size"] for layer in m.layers)
+    mean_k = sum(layer.mean_k() for layer in m.layers) / len(m.layers)
+    return {"dense_ffn_flops_per_token": dense, "moe_ffn_flops_per_token": moe,
+            "active_ffn_share": moe / dense, "active_neuron_share": neurons / width, "mean_k": mean_k}
+
+
+def evaluate(m: MoEModel, blocks: torch.Tensor, batch_size: int = 8, progress: bool = False) -> dict:
+    """Dense vs MoE on the same blocks: perplexity (causal LMs) or agreement of the final hidden
+    states (encoders), and FFN FLOPs per token with the router counted."""
+    for layer in m.layers:
+        layer.reset_counters()
+    causal = m.family.causal
+    with m.all_experts():
+        dense = (perplexity(m.model, blocks, batch_size, progress, "dense") if causal
+                 else hidden_states(m.model, blocks, batch_size))
+    moe = (perplexity(m.model, blocks, batch_size, progress, "moe") if causal
+           else hidden_states(m.model, blocks, batch_size))
+    c = compute(m)
+    out = {"dense": {"ffn_flops_per_token": c["dense_ffn_flops_per_token"]},
+           "moe": {"ffn_flops_per_token": c["moe_ffn_flops_per_token"], "active_ffn_share": c["active_ffn_share"],
+                   "active_neuron_share": c["active_neuron_share"], "mean_k": c["mean_k"]},
+           "tokens": int(blocks.numel())}
+    if causal:
+        out["dense"]["ppl"], out["moe"]["ppl"] = dense[0], moe[0]
+        out["ppl_ratio"] = moe[0] / dense[0]
+        out["tokens"] = dense[1]
+    else:
+        out["moe"]["cosine_to_dense"] = float(F.cosine_similarity(dense, moe, dim=-1).mean())
+    return out

@@ -1,0 +1,56 @@
+"""Hugging Face integration of moefy models (shipped into every saved folder as remote code).
+
+A saved folder's config.json names `Moefy<BaseClass>` (e.g. MoefyLlamaForCausalLM) in
+`architectures` and `auto_map`; this module makes that class on demand: the transformers base
+class whose FFN modules are replaced by MoEFFN layers built from `config.moefy`. So both
+`moefy.load(folder)` and `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`
+give the same model. Imports torch and transformers only.
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+from .moe_layer import MoEFFN
+
+PREFIX = "Moefy"
+
+
+def install_moe(model: torch.nn.Module, cfg: dict, layers: list[MoEFFN] | None = None):
+    """Replace every block's FFN by its MoEFFN (given, or built empty from the specs in `cfg`)."""
+    blocks = model.get_submodule(cfg["blocks"])
+    if len(blocks) != len(cfg["layers"]):
+        raise ValueError(f"config.moefy describes {len(cfg['layers'])} layers, the model has {len(blocks)}")
+    for i, block in enumerate(blocks):
+        block.set_submodule(cfg["ffn"], layers[i] if layers is not None else MoEFFN(cfg["layers"][i]))
+        for path in cfg.get("identity", []):
+            block.set_submodule(path, torch.nn.Identity())
+
+
+_CLASSES: dict[str, type] = {}
+
+
+def moefy_class(base: type) -> type:
+    """The subclass of a transformers model class whose FFNs are MoEFFN layers."""
+    name = PREFIX + base.__name__
+    if name not in _CLASSES:
+        def __init__(self, config, *args, **kwargs):
+            base.__init__(self, config, *args, **kwargs)
+            install_moe(self, config.moefy)
+
+        _CLASSES[name] = type(name, (base,), {"__init__": __init__, "__module__": __name__})
+    return _CLASSES[name]
+
+
+def base_class(name: str) -> type:
+    base = getattr(transformers, name.removeprefix(PREFIX), None)
+    if not isinstance(base, type):
+        raise ValueError(f"unknown transformers model class {name.removeprefix(PREFIX)!r}")
+    return base
+
+
+def __getattr__(name: str):  # PEP 562: `from modeling_moefy import MoefyLlamaForCausalLM`
+    if name.startswith(PREFIX):
+        return moefy_class(base_class(name))
+    raise AttributeError(name)

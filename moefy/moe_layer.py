@@ -1,0 +1,330 @@
+"""The MoE FFN module: a router plus expert-major expert weights, a drop-in for a dense FFN.
+
+This file imports torch only: it is copied into every saved moefy folder so that
+`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` works without moefy.
+
+# T tokens, D hidden, I ffn width, E routed experts, n neurons per expert, S shared neurons,
+# K selected experts per token, H router hidden width
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+# Names used by Hugging Face configs for the same functions.
+ACTIVATION_ALIASES = {
+    "swish": "silu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+}
+
+
+def activation_name(name: str) -> str:
+    name = ACTIVATION_ALIASES.get(name, name)
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported FFN activation {name!r}; supported: {sorted(ACTIVATIONS)}")
+    return name
+
+
+# ----------------------------------------------------------------------------------------------
+# Routers: each maps x [T, D] to non-negative scores [T, E]; larger means "more needed".
+
+
+class SimilarityRouter(nn.Module):
+    """MoEfication's training-free router: score_e = <c_e, x> with c_e the mean of the expert's
+    L2-normalised input rows, passed through a softmax so scores are non-negative (monotone, so
+    top-k is unchanged)."""
+
+    def __init__(self, hidden: int, num_experts: int, **_):
+        super().__init__()
+        self.centres = nn.Parameter(torch.zeros(num_experts, hidden))
+
+    def forward(self, x):
+        return torch.softmax(x @ self.centres.T, dim=-1)  # [T, E]
+
+    def flops_per_token(self) -> int:
+        return 2 * self.centres.numel()
+
+
+class RepresentativeRouter(nn.Module):
+    """CMoE's training-free router: each expert's representative neuron r scores the token with
+    |act(w_in,r x + b_r) * (w_up,r x)| (the up factor only for gated FFNs)."""
+
+    def __init__(self, hidden: int, num_experts: int, gated: bool = True, act: str = "silu",
+                 bias: bool = False, **_):
+        super().__init__()
+        self.act = activation_name(act)
+        self.w_in = nn.Parameter(torch.zeros(num_experts, hidden))
+        self.w_up = nn.Parameter(torch.zeros(num_experts, hidden)) if gated else None
+        self.b_in = nn.Parameter(torch.zeros(num_experts)) if bias else None
+
+    def forward(self, x):
+        h = ACTIVATIONS[self.act](F.linear(x, self.w_in, self.b_in))  # [T, E]
+        if self.w_up is not None:
+            h = h * (x @ self.w_up.T)
+        return h.abs()
+
+    def flops_per_token(self) -> int:
+        return 2 * self.w_in.numel() * (2 if self.w_up is not None else 1)
+
+
+class MLPRouter(nn.Module):
+    """A 2-layer MLP router. output="norm": it predicts each expert's output norm ||E_e(x)||_2
+    (D2DMoE); output="probability": sigmoid of logits trained with BCE on MoEfication's targets."""
+
+    def __init__(self, hidden: int, num_experts: int, router_hidden: int = 128, output: str = "norm", **_):
+        super().__init__()
+        self.output = output
+        self.fc1 = nn.Linear(hidden, router_hidden)
+        self.fc2 = nn.Linear(router_hidden, num_experts)
+
+    def logits(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))  # [T, E]
+
+    def forward(self, x):
+        out = self.logits(x)
+        return torch.sigmoid(out) if self.output == "probability" else out
+
+    def flops_per_token(self) -> int:
+        return 2 * (self.fc1.weight.numel() + self.fc2.weight.numel())
+
+
+ROUTERS = {"similarity": SimilarityRouter, "representative": RepresentativeRouter, "mlp": MLPRouter}
+
+
+def select_experts(scores: torch.Tensor, top_k: int | None, tau: float | None) -> torch.Tensor:
+    """Boolean mask [T, E] of the experts each token uses.
+
+    Fixed top-k, or D2DMoE's dynamic-k: keep expert e iff score_e >= (1 - tau) * max score
+    (scores clamped at 0, at least one expert per token; top_k, when also given, caps k)."""
+    if tau is None:
+        idx = scores.topk(top_k, dim=-1).indices  # [T, K]
+        return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
+    s = scores.clamp_min(0)
+    mask = (s >= (1.0 - tau) * s.amax(dim=-1, keepdim=True)) & (s > 0)
+    mask |= F.one_hot(scores.argmax(-1), scores.shape[-1]).bool()
+    if top_k is not None and top_k < scores.shape[-1]:
+        kth = s.topk(top_k, dim=-1).values[:, -1:]
+        mask &= s >= kth
+    return mask
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+class MoEFFN(nn.Module):
+    """Sparse drop-in replacement for a dense FFN (SwiGLU or biased MLP).
+
+    The dense FFN's I neurons are split into S shared neurons (always computed) and E routed
+    experts of n neurons each, stored expert-major: w_in[e] holds the input rows of expert e,
+    w_out[e] the matching rows of W_out^T. With every expert active the output is strictly
+    equivalent to the dense FFN (same weights, neurons permuted). In MoE mode only the selected
+    experts' weights are read and multiplied; nothing computes the dense FFN and masks it.
+
+    `spec` is a plain dict (it is stored in the model config), see `MoEFFN.make_spec`.
+    """
+
+    def __init__(self, spec: dict):
+        super().__init__()
+        self.spec = dict(spec)
+        D, E, n, S = spec["hidden"], spec["num_experts"], spec["expert_size"], spec["shared"]
+        self.gated = spec["kind"] == "swiglu"
+        self.act = activation_name(spec["act"])
+        self.top_k = spec.get("top_k")
+        self.tau = spec.get("tau")
+        self.all_experts = False  # True: compute every expert (the exact dense FFN)
+        empty = lambda *shape: nn.Parameter(torch.zeros(*shape))  # noqa: E731
+        self.w_in = empty(E, n, D)
+        self.w_up = empty(E, n, D) if self.gated else None
+        self.b_in = empty(E, n) if spec["bias_in"] else None
+        self.w_out = empty(E, n, D)
+        self.b_out = empty(D) if spec["bias_out"] else None
+        self.shared_in = empty(S, D) if S else None
+        self.shared_up = empty(S, D) if S and self.gated else None
+        self.shared_b_in = empty(S) if S and spec["bias_in"] else None
+        self.shared_out = empty(S, D) if S else None
+        self.register_buffer("expert_neurons", torch.zeros(E, n, dtype=torch.long))
+        self.register_buffer("shared_neurons", torch.zeros(S, dtype=torch.long))
+        r = spec["router"]
+        self.router = ROUTERS[r["kind"]](D, E, gated=self.gated, act=self.act,
+                                         bias=spec["bias_in"], **r.get("options", {}))
+        self.reset_counters()
+
+    @staticmethod
+    def make_spec(*, kind, hidden, num_experts, expert_size, shared, act, bias_in, bias_out,
+                  router, top_k=None, tau=None) -> dict:
+        return dict(kind=kind, hidden=hidden, num_experts=num_experts, expert_size=expert_size,
+                    shared=shared, act=activation_name(act), bias_in=bias_in, bias_out=bias_out,
+                    router=router, top_k=top_k, tau=tau)
+
+    @classmethod
+    @torch.no_grad()
+    def from_dense(cls, ffn, shared: torch.Tensor, experts: torch.Tensor, router: dict,
+                   top_k: int | None = None, tau: float | None = None) -> "MoEFFN":
+        """Build from a dense FFN (rows = neurons, see arch.DenseFFN), the shared neuron ids [S]
+        and the routed experts' neuron ids [E, n]. The router is left untrained."""
+        E, n = experts.shape
+        spec = cls.make_spec(kind=ffn.kind, hidden=ffn.hidden, num_experts=E, expert_size=n,
+                             shared=len(shared), act=ffn.act, bias_in=ffn.b_in is not None,
+                             bias_out=ffn.b_out is not None, router=router, top_k=top_k, tau=tau)
+        moe = cls(spec)
+        for routed, shared_name, dense in (("w_in", "shared_in", ffn.w_in), ("w_up", "shared_up", ffn.w_up),
+                                           ("b_in", "shared_b_in", ffn.b_in), ("w_out", "shared_out", ffn.w_out)):
+            if dense is not None:
+                getattr(moe, routed).copy_(dense[experts])
+                if len(shared):
+                    getattr(moe, shared_name).copy_(dense[shared])
+        if ffn.b_out is not None:
+            moe.b_out.copy_(ffn.b_out)
+        moe.expert_neurons.copy_(experts)
+        moe.shared_neurons.copy_(shared)
+        return moe
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+
+    def reset_counters(self):
+        self.tokens_seen = 0
+        self.experts_selected = 0
+
+    @property
+    def matrices(self) -> int:
+        return 3 if self.gated else 2
+
+    def dense_flops_per_token(self) -> int:
+        E, n, D = self.w_in.shape
+        return 2 * self.matrices * D * (E * n + self.spec["shared"])
+
+    def flops_per_token(self, mean_k: float) -> float:
+        """FFN FLOPs for a token that uses `mean_k` experts, router included (multiply-adds x 2)."""
+        E, n, D = self.w_in.shape
+        neurons = self.spec["shared"] + mean_k * n
+        return self.router.flops_per_token() + 2 * self.matrices * D * neurons
+
+    def mean_k(self) -> float:
+        return self.experts_selected / max(self.tokens_seen, 1)
+
+    # -- forward --------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [T, D]
+        if self.all_experts:
+            y = self._dense(x)
+        else:
+            mask = self.route(x)  # [T, E]
+            self.tokens_seen += x.shape[0]
+            self.experts_selected += int(mask.sum())
+            y = self._experts(x, mask) + self._shared(x)
+        if self.b_out is not None:
+            y = y + self.b_out
+        return y.reshape(shape)
+
+    def route(self, x: torch.Tensor) -> torch.Tensor:
+        return select_experts(self.router(x), self.top_k, self.tau)
+
+    def _hidden(self, x, w_in, w_up, b_in):
+        h = ACTIVATIONS[self.act](F.linear(x, w_in, b_in))
+        return h * F.linear(x, w_up) if w_up is not None else h
+
+    def _shared(self, x):
+        if self.shared_in is None:
+            return x.new_zeros(x.shape)
+        return self._hidden(x, self.shared_in, self.shared_up, self.shared_b_in) @ self.shared_out
+
+    def _dense(self, x):
+        """Every expert: the dense FFN computed from the expert-major weights, without copies."""
+        E, n, D = self.w_in.shape
+        flat = lambda w: None if w is None else w.reshape(E * n, *w.shape[2:])  # noqa: E731
+        h = self._hidden(x, flat(self.w_in), flat(self.w_up), flat(self.b_in))  # [T, E*n]
+        return h @ flat(self.w_out) + self._shared(x)
+
+    def _experts(self, x, mask):
+        if x.shape[0] == 1:
+            return self._experts_gather(x, mask[0].nonzero().squeeze(1))
+        return self._experts_grouped(x, mask)
+
+    def _experts_gather(self, x, idx):
+        """One token: gather the selected experts' rows into one product (decode path)."""
+        take = lambda w: None if w is None else w.index_select(0, idx).flatten(0, 1)  # noqa: E731
+        h = self._hidden(x, take(self.w_in), take(self.w_up), take(self.b_in))  # [1, K*n]
+        return h @ take(self.w_out)
+
+    def _experts_grouped(self, x, mask):
+        """Many tokens: sort (token, expert) pairs by expert, one product per active expert."""
+        tok, exp = mask.nonzero(as_tuple=True)  # pairs, sorted by token
+        order = exp.argsort(stable=True)
+        tok = tok[order]
+        counts = torch.bincount(exp, minlength=mask.shape[1]).tolist()
+        y = x.new_zeros(x.shape)
+        start = 0
+        for e, count in enumerate(counts):
+            if count == 0:
+                continue
+            t = tok[start:start + count]
+            start += count
+            b = None if self.b_in is None else self.b_in[e]
+            up = None if self.w_up is None else self.w_up[e]
+            h = self._hidden(x.index_select(0, t), self.w_in[e], up, b)  # [c, n]
+            y.index_add_(0, t, h @ self.w_out[e])
+        return y
+
+    # -- reference and analysis paths -----------------------------------------------------------
+
+    def expert_outputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Every expert's output for every token, [E, T, D] (analysis and router targets)."""
+        E, n, D = self.w_in.shape
+        h = torch.einsum("td,end->etn", x, self.w_in)
+        if self.b_in is not None:
+            h = h + self.b_in[:, None, :]
+        h = ACTIVATIONS[self.act](h)
+        if self.w_up is not None:
+            h = h * torch.einsum("td,end->etn", x, self.w_up)
+        return torch.bmm(h, self.w_out)  # [E, T, D]
+
+    def expert_norms(self, x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+        """||E_e(x)||_2 for every token and expert, [T, E], computed in chunks of tokens."""
+        return torch.cat([self.expert_outputs(c).norm(dim=-1).T for c in x.split(chunk)])
+
+    def forward_reference(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Plain per-token loop over the selected experts: the ground truth for the fast paths."""
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        mask = self.route(x) if mask is None else mask
+        rows = []
+        for t in range(x.shape[0]):
+            y = self._shared(x[t:t + 1])[0]
+            for e in mask[t].nonzero().flatten().tolist():
+                b = None if self.b_in is None else self.b_in[e]
+                up = None if self.w_up is None else self.w_up[e]
+                y = y + self._hidden(x[t:t + 1], self.w_in[e], up, b)[0] @ self.w_out[e]
+            if self.b_out is not None:
+                y = y + self.b_out
+            rows.append(y)
+        return torch.stack(rows).reshape(shape)
+
+    def extra_repr(self) -> str:
+        E, n, D = self.w_in.shape
+        sel = f"tau={self.tau}" if self.tau is not None else f"top_k={self.top_k}"
+        return (f"experts={E}x{n}, shared={self.spec['shared']}, hidden={D}, act={self.act}, "
+                f"router={self.spec['router']['kind']}, {sel}")
+
+
+def top_k_for_share(spec: dict, router: nn.Module, active: float) -> int:
+    """The largest k whose FFN FLOPs (router and shared neurons included) stay within `active`
+    times the dense FFN's."""
+    per_neuron = 2 * (3 if spec["kind"] == "swiglu" else 2) * spec["hidden"]
+    dense = per_neuron * (spec["num_experts"] * spec["expert_size"] + spec["shared"])
+    budget = active * dense - router.flops_per_token() - per_neuron * spec["shared"]
+    k = math.floor(budget / (per_neuron * spec["expert_size"]) + 1e-9)
+    return min(k, spec["num_experts"])

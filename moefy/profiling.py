@@ -1,0 +1,103 @@
+"""Streaming per-layer FFN statistics from calibration text (accumulated in fp32).
+
+# N tokens, D hidden, I ffn width
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+from tqdm.auto import tqdm
+
+from .arch import Family
+from .errors import NonFiniteActivations
+
+log = logging.getLogger(__name__)
+
+
+class FFNStats:
+    """Statistics of one FFN's hidden activations h [N, I] and inputs x [N, D], batch by batch.
+
+    A neuron is *marked* on a token when its |h| is among the token's top `marker_share`
+    (CMoE's activation markers; for ReLU models this approximates h > 0)."""
+
+    def __init__(self, name: str, marker_share: float, coactivation: bool, keep_inputs: int):
+        self.name = name
+        self.marker_share = marker_share
+        self.want_coactivation = coactivation
+        self.keep_inputs = keep_inputs  # tokens of FFN inputs kept for router training
+        self.tokens = 0
+        self.abs_sum = self.sum = self.sq_sum = self.marked = self.coactivation = None
+        self._inputs: list[torch.Tensor] = []
+        self._kept = 0
+
+    def add_batch(self, x: torch.Tensor, h: torch.Tensor):
+        x, h = x.reshape(-1, x.shape[-1]).float(), h.reshape(-1, h.shape[-1]).float()
+        if not (torch.isfinite(h).all() and torch.isfinite(x).all()):
+            raise NonFiniteActivations(f"NaN or Inf in the FFN activations of {self.name}; "
+                                       "check the model weights and --dtype")
+        if self.sum is None:
+            I = h.shape[1]
+            self.abs_sum, self.sum, self.sq_sum, self.marked = (torch.zeros(I, dtype=torch.float64) for _ in range(4))
+            if self.want_coactivation:
+                self.coactivation = torch.zeros(I, I)
+        self.tokens += h.shape[0]
+        self.abs_sum += h.abs().sum(0, dtype=torch.float64)
+        self.sum += h.sum(0, dtype=torch.float64)
+        self.sq_sum += h.square().sum(0, dtype=torch.float64)
+        markers = self.markers(h)  # [N, I]
+        self.marked += markers.sum(0, dtype=torch.float64)
+        if self.coactivation is not None:
+            self.coactivation.addmm_(markers.T, markers)  # [I, I]
+        if self._kept < self.keep_inputs:
+            take = x[: self.keep_inputs - self._kept].clone()
+            self._inputs.append(take)
+            self._kept += take.shape[0]
+
+    def markers(self, h: torch.Tensor) -> torch.Tensor:
+        k = max(1, round(self.marker_share * h.shape[1]))
+        idx = h.abs().topk(k, dim=1).indices
+        return torch.zeros_like(h).scatter_(1, idx, 1.0)
+
+    @property
+    def activation_rate(self) -> torch.Tensor:
+        """Share of tokens on which each neuron is marked, [I]."""
+        return self.marked / max(self.tokens, 1)
+
+    @property
+    def inputs(self) -> torch.Tensor:
+        """The kept FFN inputs, [N, D]."""
+        return torch.cat(self._inputs) if self._inputs else torch.empty(0)
+
+
+@contextlib.contextmanager
+def capture(model, family: Family, stats: list[FFNStats]):
+    """Hooks on every FFN: its input x and its hidden activation h (the output projection's
+    input) go to that layer's FFNStats. The hooks are always removed."""
+    handles = []
+    for block, st in zip(family.block_list(model), stats):
+        pending = {}
+        handles.append(block.get_submodule(family.ffn).register_forward_pre_hook(
+            lambda _m, args, pending=pending: pending.__setitem__("x", args[0].detach())))
+        handles.append(block.get_submodule(family.w_out).register_forward_pre_hook(
+            lambda _m, args, pending=pending, st=st: st.add_batch(pending.pop("x"), args[0].detach())))
+    try:
+        yield stats
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def profile(model, family: Family, blocks: torch.Tensor, *, batch_size: int, marker_share: float,
+            coactivation: bool, keep_inputs: int, progress: bool = True) -> list[FFNStats]:
+    """Run the calibration blocks [B, L] through the model once, collecting FFNStats per layer."""
+    n_layers = len(family.block_list(model))
+    stats = [FFNStats(f"layer {i}", marker_share, coactivation, keep_inputs) for i in range(n_layers)]
+    with capture(model, family, stats):
+        for batch in tqdm(blocks.split(batch_size), desc="profiling", disable=not progress):
+            model(input_ids=batch.to(model.device))
+    log.info("profiled %d tokens in %d layers", stats[0].tokens, n_layers)
+    return stats

@@ -1,0 +1,127 @@
+"""Router construction and training for MoEFFN layers.
+
+# N calibration tokens, D hidden, I ffn width, E routed experts, n neurons per expert, K top-k
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .moe_layer import MoEFFN
+
+log = logging.getLogger(__name__)
+
+
+def router_spec(kind: str, cfg) -> dict:
+    """The router entry of a MoEFFN spec for a MoEConfig."""
+    if kind == "mlp":
+        output = "norm" if cfg.router_loss == "norm" else "probability"
+        return {"kind": "mlp", "options": {"router_hidden": cfg.router_hidden, "output": output}}
+    return {"kind": kind}
+
+
+@torch.no_grad()
+def init_similarity(moe: MoEFFN):
+    """MoEfication: expert centre = mean of its L2-normalised input rows."""
+    moe.router.centres.copy_(F.normalize(moe.w_in, dim=-1).mean(1))
+
+
+@torch.no_grad()
+def init_representative(moe: MoEFFN, inputs: torch.Tensor):
+    """CMoE: each expert's representative is the neuron whose |h| over calibration tokens follows
+    the expert's output norm most closely (highest correlation)."""
+    norms = moe.expert_norms(inputs)  # [N, E]
+    E, n, _ = moe.w_in.shape
+    best = []
+    for e in range(E):
+        up = None if moe.w_up is None else moe.w_up[e]
+        b = None if moe.b_in is None else moe.b_in[e]
+        h = moe._hidden(inputs, moe.w_in[e], up, b).abs()  # [N, n]
+        best.append(int(_corr(h, norms[:, e]).argmax()))
+    idx = torch.arange(E), torch.tensor(best)
+    r = moe.router
+    r.w_in.copy_(moe.w_in[idx])
+    if r.w_up is not None:
+        r.w_up.copy_(moe.w_up[idx])
+    if r.b_in is not None:
+        r.b_in.copy_(moe.b_in[idx])
+
+
+def _corr(h, target):
+    h = h - h.mean(0)
+    t = target - target.mean()
+    return (h * t[:, None]).sum(0) / (h.norm(dim=0) * t.norm() + 1e-12)
+
+
+def router_targets(moe: MoEFFN, inputs: torch.Tensor, loss: str) -> torch.Tensor:
+    """D2DMoE ("norm"): each expert's output norm, scaled to mean 1. MoEfication ("bce"): the sum
+    of the expert's |h|, divided by the token's largest such sum, in [0, 1]."""
+    with torch.no_grad():
+        if loss == "norm":
+            t = moe.expert_norms(inputs)
+            return t / t.mean().clamp_min(1e-12)
+        E, n, _ = moe.w_in.shape
+        flat = lambda w: None if w is None else w.reshape(E * n, *w.shape[2:])  # noqa: E731
+        h = moe._hidden(inputs, flat(moe.w_in), flat(moe.w_up), flat(moe.b_in)).abs()
+        s = h.view(-1, E, n).sum(-1)
+        return s / s.amax(-1, keepdim=True).clamp_min(1e-12)
+
+
+def train_mlp_router(moe: MoEFFN, inputs: torch.Tensor, *, loss: str, steps: int, lr: float,
+                     seed: int, batch_size: int = 512) -> dict:
+    """Fit the MLP router on calibration inputs (backbone frozen); returns validation metrics."""
+    g = torch.Generator().manual_seed(seed)
+    targets = router_targets(moe, inputs, loss)  # [N, E]
+    perm = torch.randperm(len(inputs), generator=g)
+    n_val = max(1, len(inputs) // 10)
+    val, train = perm[:n_val], perm[n_val:]
+    router = moe.router
+    mean = targets[train].mean(0)
+    with torch.no_grad():  # start the output bias at the mean target: faster, steadier fits
+        router.fc2.bias.copy_(mean if loss == "norm" else torch.logit(mean.clamp(1e-4, 1 - 1e-4)))
+    opt = torch.optim.Adam(router.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    objective = F.mse_loss if loss == "norm" else F.binary_cross_entropy_with_logits
+    with torch.enable_grad():
+        router.train()
+        for _ in range(steps):
+            b = train[torch.randint(len(train), (batch_size,), generator=g)]
+            out = objective(router.logits(inputs[b]), targets[b])
+            opt.zero_grad(set_to_none=True)
+            out.backward()
+            opt.step()
+            sched.step()
+        router.eval()
+    router.requires_grad_(False)
+    with torch.no_grad():
+        val_loss = float(objective(router.logits(inputs[val]), targets[val]))
+    return {"router_val_loss": val_loss, "router_recall": recall(moe, inputs[val])}
+
+
+@torch.no_grad()
+def recall(moe: MoEFFN, inputs: torch.Tensor) -> float:
+    """Share of the oracle's experts (largest true output norms, same count per token) that the
+    router selects."""
+    chosen = moe.route(inputs)  # [N, E]
+    k = chosen.sum(-1, keepdim=True)
+    norms = moe.expert_norms(inputs)
+    rank = norms.argsort(-1, descending=True).argsort(-1)
+    oracle = rank < k
+    return float((chosen & oracle).sum() / oracle.sum())
+
+
+def build_router(moe: MoEFFN, inputs: torch.Tensor, cfg) -> dict:
+    """Initialise or train `moe.router` for its kind; returns metrics for the report."""
+    kind = moe.spec["router"]["kind"]
+    if kind == "similarity":
+        init_similarity(moe)
+    elif kind == "representative":
+        init_representative(moe, inputs)
+    else:
+        return train_mlp_router(moe, inputs, loss=cfg.router_loss, steps=cfg.router_steps,
+                                lr=cfg.router_lr, seed=cfg.seed)
+    return {"router_recall": recall(moe, inputs[: len(inputs) // 10 or 1])}

@@ -1,0 +1,69 @@
+"""Tiny random models for every registered family, and a small local tokenizer (no hub)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+
+from moefy.arch import FAMILIES
+from moefy.data import pydoc_documents
+
+VOCAB = 320
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<eos>", "[CLS]", "[SEP]", "[PAD]"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(pydoc_documents()[:40], trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>",
+                                                pad_token="[PAD]")
+
+
+def tiny_config(model_type: str):
+    common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=1, pad_token_id=4)
+    if model_type in ("llama", "mistral", "qwen2"):
+        cls = transformers.AutoConfig.for_model(model_type).__class__
+        return cls(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, **common)
+    if model_type == "gpt2":
+        return transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=256, n_inner=64, **common)
+    if model_type == "bert":
+        return transformers.BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, max_position_embeddings=256, **common)
+    raise KeyError(model_type)
+
+
+def tiny_model(model_type: str, seed: int = 0):
+    torch.manual_seed(seed)
+    config = tiny_config(model_type)
+    auto = transformers.AutoModelForCausalLM if FAMILIES[model_type].causal else transformers.AutoModel
+    model = auto.from_config(config).eval().requires_grad_(False)
+    with torch.no_grad():  # larger random matrices, so outputs are far from trivially equal
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(3.0)
+    return model
+
+
+MODEL_TYPES = sorted(FAMILIES)
+
+
+@pytest.fixture(params=MODEL_TYPES)
+def model_type(request):
+    return request.param
+
+
+@pytest.fixture
+def tiny_folder(tmp_path, tokenizer):
+    """A tiny llama saved as a Hugging Face folder, with the tokenizer."""
+    model = tiny_model("llama")
+    path = tmp_path / "tiny-llama"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,107 @@
+import pytest
+import torch
+
+from moefy.arch import DenseFFN
+from moefy.moe_layer import ACTIVATIONS, MoEFFN, select_experts, top_k_for_share
+
+D, I = 24, 48
+
+
+def dense_ffn(kind, bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    return DenseFFN(kind, "silu" if kind == "swiglu" else "gelu_tanh", r(I, D), r(I, D) if kind == "swiglu" else None,
+                    r(I) if bias else None, r(I, D) / 5, r(D) if bias else None)
+
+
+def dense_forward(f: DenseFFN, x):
+    h = ACTIVATIONS[f.act](x @ f.w_in.T + (0 if f.b_in is None else f.b_in))
+    if f.w_up is not None:
+        h = h * (x @ f.w_up.T)
+    return h @ f.w_out + (0 if f.b_out is None else f.b_out)
+
+
+def make_moe(kind="swiglu", bias=False, shared=0, E=None, router="mlp", top_k=2, tau=None):
+    f = dense_ffn(kind, bias)
+    perm = torch.randperm(I, generator=torch.Generator().manual_seed(1))
+    E = E or (I - shared) // 6
+    moe = MoEFFN.from_dense(f, perm[:shared].sort().values, perm[shared:].view(E, -1),
+                            {"kind": router}, top_k=top_k, tau=tau)
+    torch.nn.init.normal_(moe.router.fc1.weight) if router == "mlp" else None
+    return f, moe
+
+
+CASES = [("swiglu", False, 0), ("swiglu", False, 12), ("mlp", True, 0), ("mlp", True, 6)]
+
+
+@pytest.mark.parametrize("kind,bias,shared", CASES)
+def test_all_experts_equals_dense(kind, bias, shared):
+    f, moe = make_moe(kind, bias, shared)
+    x = torch.randn(7, D)
+    expected = dense_forward(f, x)
+    moe.all_experts = True
+    torch.testing.assert_close(moe(x), expected, atol=1e-4, rtol=1e-4)
+    # ... and selecting every expert through the router path gives the same.
+    moe.all_experts, moe.top_k = False, moe.spec["num_experts"]
+    torch.testing.assert_close(moe(x), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(moe(x[:1]), expected[:1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind,bias,shared", CASES)
+@pytest.mark.parametrize("tau", [None, 0.5])
+def test_fast_paths_match_reference(kind, bias, shared, tau):
+    _, moe = make_moe(kind, bias, shared, tau=tau)
+    x = torch.randn(3, 5, D)
+    expected = moe.forward_reference(x)
+    torch.testing.assert_close(moe(x), expected, atol=1e-5, rtol=1e-5)  # grouped path
+    for t in range(5):  # one token at a time: the gather (decode) path
+        torch.testing.assert_close(moe(x[:1, t:t + 1]), expected[:1, t:t + 1], atol=1e-5, rtol=1e-5)
+
+
+def test_moe_output_differs_from_dense_when_sparse():
+    f, moe = make_moe(top_k=1)
+    x = torch.randn(16, D)
+    assert not torch.allclose(moe(x), dense_forward(f, x), atol=1e-3)
+
+
+def test_only_selected_experts_are_read():
+    """Zeroing the weights of experts a token did not select must not change its output."""
+    _, moe = make_moe(top_k=2)
+    x = torch.randn(4, D)
+    mask = moe.route(x)
+    before = moe(x)
+    unused = ~mask.any(0)
+    assert unused.any()
+    with torch.no_grad():
+        moe.w_in[unused] = float("nan")
+        moe.w_out[unused] = float("nan")
+    torch.testing.assert_close(moe(x), before)
+    torch.testing.assert_close(moe(x[:1]), before[:1])
+
+
+def test_select_experts_top_k_and_dynamic_k():
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.85], [1.0, 0.0, 0.0, 0.0], [-1.0, -2.0, -3.0, -0.5]])
+    assert select_experts(scores, 2, None).sum(1).tolist() == [2, 2, 2]
+    mask = select_experts(scores, None, 0.2)  # keep s >= 0.8 max
+    assert mask.tolist() == [[False, True, False, True], [True, False, False, False], [False, False, False, True]]
+    assert select_experts(scores, None, 0.0).sum(1).tolist() == [1, 1, 1]
+    assert select_experts(scores, 1, 0.2).sum(1).tolist() == [1, 1, 1]  # top_k caps dynamic-k
+
+
+def test_top_k_for_share_respects_budget():
+    _, moe = make_moe(E=8, router="similarity")
+    for active in (0.25, 0.5, 1.0):
+        k = top_k_for_share(moe.spec, moe.router, active)
+        assert moe.flops_per_token(k) <= active * moe.dense_flops_per_token() or k == 8
+        if k < 8:
+            assert moe.flops_per_token(k + 1) > active * moe.dense_flops_per_token()
+
+
+def test_counters_measure_mean_k():
+    _, moe = make_moe(tau=0.3)
+    x = torch.randn(10, D)
+    mask = moe.route(x)
+    moe.reset_counters()
+    moe(x)
+    assert moe.tokens_seen == 10
+    assert moe.mean_k() == pytest.approx(mask.sum().item() / 10)

@@ -1,0 +1,67 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from moefy.cli import app
+
+runner = CliRunner()
+FAST = ["--calib", "pydoc", "--experts", "8", "--calib-tokens", "2048", "--seq-len", "32",
+        "--eval-data", "pydoc:heldout", "--eval-tokens", "512"]
+
+
+def test_convert_then_eval(tiny_folder, tmp_path):
+    out, js = tmp_path / "run", tmp_path / "eval.json"
+    r = runner.invoke(app, ["convert", "--model", str(tiny_folder), "--out", str(out), "--router", "similarity", *FAST])
+    assert r.exit_code == 0, r.output
+    assert "perplexity" in r.output and (out / "model.safetensors").exists()
+    r = runner.invoke(app, ["eval", str(out), "--data", "pydoc:heldout", "--tokens", "512", "--seq-len", "32",
+                            "--json", str(js)])
+    assert r.exit_code == 0, r.output
+    result = json.loads(js.read_text())
+    assert set(result) >= {"dense", "moe", "tokens"}
+    assert {"ppl", "ffn_flops_per_token"} <= set(result["dense"])
+    assert {"ppl", "ffn_flops_per_token", "active_ffn_share"} <= set(result["moe"])
+    assert result["moe"]["active_ffn_share"] <= 0.5
+    r = runner.invoke(app, ["eval", str(out), "--data", "pydoc:heldout", "--tokens", "512", "--seq-len", "32",
+                            "--top-k", "8"])
+    assert r.exit_code == 0 and "(1.00x)" in r.output, r.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--experts", "7"], "divide"),
+    (["--active", "0"], "active share"),
+    (["--tau", "-1"], "tau"),
+    (["--method", "louvain"], "unknown method"),
+    (["--calib", "/no/such/file.txt"], "no text source"),
+    (["--calib-tokens", "40"], "fewer than"),
+])
+def test_bad_settings_one_line_exit_2(tiny_folder, tmp_path, args, message):
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["convert", "--model", str(tiny_folder), "--out", str(out), *FAST, *args])
+    assert r.exit_code == 2, r.output
+    assert message in r.output and "Traceback" not in r.output
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_bad_models(tmp_path):
+    gguf = tmp_path / "x.gguf"
+    gguf.write_bytes(b"GGUF" + b"\x00" * 20)
+    cases = [(str(tmp_path / "missing"), "no model"), (str(gguf), "GGUF"), (str(tmp_path), "config.json")]
+    for model, message in cases:
+        r = runner.invoke(app, ["convert", "--model", model, "--out", str(tmp_path / "o")])
+        assert r.exit_code == 2 and message in r.output, r.output
+
+
+def test_existing_output_is_kept(tiny_folder, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    r = runner.invoke(app, ["convert", "--model", str(tiny_folder), "--out", str(out), *FAST])
+    assert r.exit_code == 2 and "--overwrite" in r.output
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_eval_of_a_non_moefy_folder(tiny_folder):
+    r = runner.invoke(app, ["eval", str(tiny_folder)])
+    assert r.exit_code == 2 and "moefy" in r.output

@@ -1,0 +1,128 @@
+import json
+
+import pytest
+import torch
+import transformers
+
+import moefy
+from moefy.config import DataConfig, MoEConfig
+from moefy.errors import ConfigError, DataError, OutputExists
+
+from conftest import tiny_model
+
+DATA = DataConfig(source="pydoc", seq_len=32, tokens=2048, batch_size=16)
+
+
+def fast_cfg(**kw):
+    return MoEConfig(**{"num_experts": 8, "active": 0.5, "router_steps": 30, "router_hidden": 16, **kw})
+
+
+def outputs(model, ids):
+    out = model(input_ids=ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(5, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def test_convert_every_family(model_type, tokenizer, ids):
+    model = tiny_model(model_type)
+    dense = outputs(model, ids)
+    m = moefy.convert(model, moe=fast_cfg(), data=DATA, tokenizer=tokenizer)
+    assert len(m.layers) == 2
+    for layer in m.layers:
+        assert layer.top_k is not None and 1 <= layer.top_k < 8
+    with m.all_experts():
+        torch.testing.assert_close(outputs(m.model, ids), dense, atol=1e-4, rtol=1e-4)
+    sparse = outputs(m.model, ids)
+    assert not torch.allclose(sparse, dense, atol=1e-3)
+    r = moefy.evaluate(m, ids)
+    assert 0 < r["moe"]["active_ffn_share"] <= 0.5 + 1e-9
+    assert r["moe"]["ffn_flops_per_token"] < r["dense"]["ffn_flops_per_token"]
+    if model.config.model_type != "bert":
+        assert r["dense"]["ppl"] > 1 and r["moe"]["ppl"] > 1
+    else:
+        assert -1 <= r["moe"]["cosine_to_dense"] <= 1
+
+
+@pytest.mark.parametrize("method,router,shared", [("random", "similarity", 0.0), ("param-kmeans", "representative", 0.25),
+                                                  ("coactivation", "mlp", 0.25)])
+def test_methods_and_routers(method, router, shared, tokenizer, ids):
+    model = tiny_model("llama")
+    m = moefy.convert(model, moe=fast_cfg(method=method, router=router, shared=shared), data=DATA, tokenizer=tokenizer)
+    layer = m.layers[0]
+    assert layer.spec["shared"] == round(shared * 8) * 8
+    assert 0 <= m.record["layers"][0]["router_recall"] <= 1
+    moefy.evaluate(m, ids)
+
+
+def test_trained_router_beats_chance(tokenizer):
+    model = tiny_model("llama")
+    m = moefy.convert(model, moe=fast_cfg(router_steps=200, num_experts=16, active=0.3), data=DATA,
+                      tokenizer=tokenizer)
+    for rep in m.record["layers"]:
+        chance = rep["top_k"] / 16
+        assert rep["router_recall"] > chance + 0.1, rep
+
+
+def test_dynamic_k_and_set_routing(tokenizer, ids):
+    model = tiny_model("llama")
+    m = moefy.convert(model, moe=fast_cfg(active=None, tau=0.5), data=DATA, tokenizer=tokenizer)
+    assert m.layers[0].tau == 0.5 and m.layers[0].top_k is None
+    loose = moefy.evaluate(m, ids)["moe"]["active_ffn_share"]
+    m.set_routing(tau=0.9)
+    wide = moefy.evaluate(m, ids)["moe"]["active_ffn_share"]
+    assert wide > loose
+    m.set_routing(top_k=8)
+    r = moefy.evaluate(m, ids)
+    assert r["ppl_ratio"] == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(ConfigError):
+        m.set_routing(top_k=9)
+
+
+def test_save_load_identical(model_type, tokenizer, tmp_path, ids):
+    model = tiny_model(model_type)
+    m = moefy.convert(model, moe=fast_cfg(shared=0.25, active=0.75), data=DATA, tokenizer=tokenizer)
+    expected = outputs(m.model, ids)
+    path = moefy.save(m, tmp_path / "run")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
+    loaded = moefy.load(path)
+    torch.testing.assert_close(outputs(loaded.model, ids), expected, atol=0, rtol=0)
+    auto = transformers.AutoModelForCausalLM if model.config.model_type != "bert" else transformers.AutoModel
+    hf = auto.from_pretrained(path, trust_remote_code=True).eval()
+    torch.testing.assert_close(outputs(hf, ids), expected, atol=0, rtol=0)
+    record = json.loads((path / "moefy.json").read_text())
+    assert record["moe"]["method"] == "coactivation"
+    layer0 = record["assignment"][0]
+    assert sorted(layer0["shared"] + sum(layer0["experts"], [])) == list(range(64))
+    assert "torch" in record["versions"]
+
+
+def test_save_refuses_existing_without_overwrite(tokenizer, tmp_path, ids):
+    m = moefy.convert(tiny_model("gpt2"), moe=fast_cfg(router="similarity"), data=DATA, tokenizer=tokenizer)
+    target = tmp_path / "run"
+    target.mkdir()
+    (target / "precious.txt").write_text("user data")
+    with pytest.raises(OutputExists):
+        moefy.save(m, target)
+    assert (target / "precious.txt").read_text() == "user data"
+    moefy.save(m, target, overwrite=True)
+    assert not (target / "precious.txt").exists()
+    assert moefy.load(target).layers
+
+
+def test_convert_errors(tokenizer):
+    model = tiny_model("llama")
+    with pytest.raises(ConfigError, match="divide the FFN width"):
+        moefy.convert(model, moe=fast_cfg(num_experts=7), data=DATA, tokenizer=tokenizer)
+    with pytest.raises(ConfigError, match="cannot exceed"):
+        moefy.convert(model, moe=fast_cfg(num_experts=128), data=DATA, tokenizer=tokenizer)
+    with pytest.raises(ConfigError, match="active share"):
+        moefy.convert(model, moe=fast_cfg(active=1.5), data=DATA, tokenizer=tokenizer)
+    with pytest.raises(ConfigError, match="no room"):
+        moefy.convert(model, moe=fast_cfg(active=0.05), data=DATA, tokenizer=tokenizer)
+    with pytest.raises(DataError, match="fewer than"):
+        moefy.convert(model, moe=fast_cfg(), data=DataConfig(source="pydoc", seq_len=32, tokens=1024),
+                      tokenizer=tokenizer)

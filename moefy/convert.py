@@ -80,19 +80,38 @@ def convert(model, calib: str = "wiki-sample", moe: MoEConfig = MoEConfig(),
         source = getattr(model.config, "_name_or_path", "") or type(model).__name__
     if tokenizer is None:
         raise ConfigError("convert() needs the tokenizer along with a loaded model")
+    stats = calibrate(model, tokenizer, moe, data, progress=progress)
+    return build(model, tokenizer, stats, moe, record={"source": source, "calibration": stats.record},
+                 progress=progress)
+
+
+class Calibration(list):
+    """Per-layer FFNStats, plus a record of the calibration data used."""
+
+    record: dict
+
+
+def calibrate(model, tokenizer, moe: MoEConfig, data: DataConfig, progress: bool = False) -> Calibration:
+    """Check the settings against the model, then profile its FFNs on the calibration text."""
     family = family_for(model.config)
-    blocks = family.block_list(model)
-    width = family.dense_ffn(blocks[0], model.config).width
+    width = family.dense_ffn(family.block_list(model)[0], model.config).width
     moe.validate(width)
     data.validate()
-
     calib_blocks = data_mod.blocks(data.source, tokenizer, data.seq_len, max_tokens=data.tokens,
                                    min_tokens=MIN_CALIB_TOKENS.get(moe.router, data.seq_len))
-    stats = profile(model, family, calib_blocks, batch_size=data.batch_size, marker_share=moe.marker_share,
-                    coactivation=moe.method in NEEDS_COACTIVATION, keep_inputs=data.tokens, progress=progress)
+    stats = Calibration(profile(model, family, calib_blocks, batch_size=data.batch_size,
+                                marker_share=moe.marker_share, coactivation=moe.method in NEEDS_COACTIVATION,
+                                keep_inputs=data.tokens, progress=progress))
+    stats.record = {**data.__dict__, "tokens_used": calib_blocks.numel()}
+    return stats
 
+
+def build(model, tokenizer, stats: list, moe: MoEConfig, record: dict | None = None,
+          progress: bool = False) -> MoEModel:
+    """Group each FFN's neurons into experts, build its router, and swap in the MoE layer."""
+    family = family_for(model.config)
     layers, reports = [], []
-    for i, block in enumerate(tqdm(blocks, desc="experts and routers", disable=not progress)):
+    for i, block in enumerate(tqdm(family.block_list(model), desc="experts and routers", disable=not progress)):
         ffn = family.dense_ffn(block, model.config)
         split = split_neurons(moe.method, ffn, stats[i], moe.num_experts, moe.shared, moe.seed + i)
         layer = MoEFFN.from_dense(ffn, split.shared, split.experts, router_spec(moe.router, moe))
@@ -102,14 +121,12 @@ def convert(model, calib: str = "wiki-sample", moe: MoEConfig = MoEConfig(),
         metrics = build_router(layer, stats[i].inputs, moe)
         layers.append(layer.requires_grad_(False))
         reports.append({"layer": i, "top_k": layer.top_k, **metrics})
-        stats[i] = None  # free the layer's statistics as we go
         log.info("layer %d: %s", i, metrics)
 
     model.config.moefy = {"blocks": family.blocks_path(model), "ffn": family.ffn,
                           "identity": list(family.identity), "layers": [l.spec for l in layers]}
     install_moe(model, model.config.moefy, layers)
-    record = {"source": source, "family": family.name, "calibration": {**data.__dict__, "tokens_used": calib_blocks.numel()},
-              "moe": moe.to_dict(), "layers": reports}
+    record = {**(record or {}), "family": family.name, "moe": moe.to_dict(), "layers": reports}
     return MoEModel(model.eval(), tokenizer, record)
 
 

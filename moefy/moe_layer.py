@@ -292,9 +292,19 @@ class MoEFFN(nn.Module):
             h = h * torch.einsum("td,end->etn", x, self.w_up)
         return torch.bmm(h, self.w_out)  # [E, T, D]
 
-    def expert_norms(self, x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-        """||E_e(x)||_2 for every token and expert, [T, E], computed in chunks of tokens."""
-        return torch.cat([self.expert_outputs(c).norm(dim=-1).T for c in x.split(chunk)])
+    def expert_norms(self, x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+        """||E_e(x)||_2 for every token and expert, [T, E]. Uses each expert's Gram matrix
+        G_e = W_out,e W_out,e^T: ||E_e(x)||^2 = h_e^T G_e h_e, so no [E, T, D] output is formed."""
+        E, n, D = self.w_in.shape
+        flat = lambda w: None if w is None else w.reshape(E * n, *w.shape[2:])  # noqa: E731
+        gram = self.w_out @ self.w_out.transpose(1, 2)  # [E, n, n]
+        norms = []
+        for c in x.split(chunk):
+            h = self._hidden(c, flat(self.w_in), flat(self.w_up), flat(self.b_in))
+            h = h.view(-1, E, n).transpose(0, 1)  # [E, T, n]
+            sq = (torch.bmm(h, gram) * h).sum(-1)  # [E, T]
+            norms.append(sq.clamp_min(0).sqrt().T)
+        return torch.cat(norms)
 
     def forward_reference(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Plain per-token loop over the selected experts: the ground truth for the fast paths."""

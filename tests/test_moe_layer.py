@@ -105,3 +105,11 @@ def test_counters_measure_mean_k():
     moe(x)
     assert moe.tokens_seen == 10
     assert moe.mean_k() == pytest.approx(mask.sum().item() / 10)
+
+
+@pytest.mark.parametrize("kind,bias,shared", CASES)
+def test_expert_norms_match_outputs(kind, bias, shared):
+    _, moe = make_moe(kind, bias, shared)
+    x = torch.randn(9, D)
+    expected = moe.expert_outputs(x).norm(dim=-1).T
+    torch.testing.assert_close(moe.expert_norms(x, chunk=4), expected, atol=1e-4, rtol=1e-4)

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
 
-import typer
+if not sys.stderr.isatty():  # before tqdm is imported anywhere: no progress bars into logs or pipes
+    os.environ.setdefault("TQDM_DISABLE", "1")
 
-from .errors import MoefyError
+import typer  # noqa: E402
+
+from .errors import MoefyError  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Turn a dense transformer into a sparse Mixture-of-Experts model.")
@@ -25,10 +29,6 @@ def _run(fn):
     except KeyboardInterrupt:
         typer.echo("interrupted; nothing was written", err=True)
         raise typer.Exit(130)
-
-
-def _progress() -> bool:
-    return sys.stderr.isatty()
 
 
 @app.command()
@@ -69,7 +69,7 @@ def convert(
         data_cfg = DataConfig(source=calib, seq_len=seq_len, tokens=calib_tokens)
         moe_cfg.validate()
         data_cfg.validate()
-        m = convert_fn(model, moe=moe_cfg, data=data_cfg, progress=_progress())
+        m = convert_fn(model, moe=moe_cfg, data=data_cfg, progress=True)
         if evaluate:
             _evaluate(m, eval_data, eval_tokens, seq_len, json_out, overwrite=True)
         save(m, out, overwrite=overwrite)
@@ -84,6 +84,7 @@ def eval_cmd(
     data: str = typer.Option("wiki-sample:heldout", help="Evaluation text."),
     tokens: int = typer.Option(8192, help="Evaluation tokens."),
     seq_len: int = typer.Option(256, help="Tokens per block."),
+    active: Optional[float] = typer.Option(None, help="Override: fixed top-k per layer for this FFN compute share."),
     top_k: Optional[int] = typer.Option(None, help="Override the saved fixed top-k."),
     tau: Optional[float] = typer.Option(None, help="Override with dynamic-k at this threshold."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON here."),
@@ -96,6 +97,8 @@ def eval_cmd(
         from . import load
 
         m = load(run)
+        if active is not None:
+            m.set_active(active)
         if top_k is not None or tau is not None:
             m.set_routing(top_k=top_k, tau=tau)
         _evaluate(m, data, tokens, seq_len, json_out, overwrite=True)
@@ -109,7 +112,7 @@ def _evaluate(m, data, tokens, seq_len, json_out, overwrite):
     from .io import write_json
 
     blocks = data_mod.blocks(data, m.tokenizer, seq_len, max_tokens=tokens)
-    result = evaluate(m, blocks, progress=_progress())
+    result = evaluate(m, blocks, progress=True)
     result["data"] = data
     typer.echo(render(result))
     if json_out is not None:

@@ -56,6 +56,14 @@ class MoEModel:
             layer.top_k, layer.tau = top_k, tau
             layer.spec.update(top_k=top_k, tau=tau)
 
+    def set_active(self, share: float):
+        """Fixed top-k per layer: the largest k whose FFN FLOPs (router counted) fit `share`."""
+        if not 0 < share <= 1:
+            raise ConfigError(f"active share must be in (0, 1], got {share}")
+        for layer in self.layers:
+            layer.top_k, layer.tau = _top_k(layer, share), None
+            layer.spec.update(top_k=layer.top_k, tau=None)
+
     @contextlib.contextmanager
     def all_experts(self):
         """Every expert active: the model computes exactly the dense model."""
@@ -131,12 +139,14 @@ def build(model, tokenizer, stats: list, moe: MoEConfig, record: dict | None = N
 
 
 def _selection(layer: MoEFFN, moe: MoEConfig) -> tuple[int | None, float | None]:
-    if moe.tau is not None:
-        return None, moe.tau
-    k = top_k_for_share(layer.spec, layer.router, moe.active)
+    return (None, moe.tau) if moe.tau is not None else (_top_k(layer, moe.active), None)
+
+
+def _top_k(layer: MoEFFN, active: float) -> int:
+    k = top_k_for_share(layer.spec, layer.router, active)
     if k < 1:
         share = layer.flops_per_token(0)  # router + shared neurons
-        raise ConfigError(f"active share {moe.active} leaves no room for a routed expert: the router and "
+        raise ConfigError(f"active share {active} leaves no room for a routed expert: the router and "
                           f"shared neurons already cost {share / layer.dense_flops_per_token():.1%} of the FFN; "
                           "raise --active, lower --shared or use more, smaller experts")
-    return k, None
+    return k

@@ -126,3 +126,15 @@ def test_convert_errors(tokenizer):
     with pytest.raises(DataError, match="fewer than"):
         moefy.convert(model, moe=fast_cfg(), data=DataConfig(source="pydoc", seq_len=32, tokens=1024),
                       tokenizer=tokenizer)
+
+
+def test_set_active_changes_budget(tokenizer, ids):
+    m = moefy.convert(tiny_model("llama"), moe=fast_cfg(num_experts=16), data=DATA, tokenizer=tokenizer)
+    shares = []
+    for share in (0.3, 0.6, 0.9):
+        m.set_active(share)
+        shares.append(moefy.evaluate(m, ids)["moe"]["active_ffn_share"])
+        assert shares[-1] <= share + 1e-9
+    assert shares == sorted(shares)
+    with pytest.raises(ConfigError):
+        m.set_active(0)

@@ -5,16 +5,11 @@
     moefy.evaluate(m, blocks); moefy.save(m, "runs/smol-moe"); m = moefy.load("runs/smol-moe")
 """
 
-import importlib
-
 __version__ = "0.1.0"
 
-_EXPORTS = {"DataConfig": "config", "MoEConfig": "config", "MoEModel": "convert", "convert": "convert",
-            "evaluate": "evaluate", "load": "io", "save": "io"}
-__all__ = [*_EXPORTS, "__version__"]
+from .config import DataConfig, MoEConfig  # noqa: E402
+from .convert import MoEModel, convert  # noqa: E402
+from .evaluate import evaluate  # noqa: E402
+from .io import load, save  # noqa: E402
 
-
-def __getattr__(name):  # imported on first use, so `moefy --help` does not import torch
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    raise AttributeError(f"module 'moefy' has no attribute {name!r}")
+__all__ = ["DataConfig", "MoEConfig", "MoEModel", "convert", "evaluate", "load", "save", "__version__"]

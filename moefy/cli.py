@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
-import sys
 from pathlib import Path
 from typing import Optional
 
-if not sys.stderr.isatty():  # before tqdm is imported anywhere: no progress bars into logs or pipes
-    os.environ.setdefault("TQDM_DISABLE", "1")
+import typer
 
-import typer  # noqa: E402
-
-from .errors import MoefyError  # noqa: E402
+from .errors import MoefyError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Turn a dense transformer into a sparse Mixture-of-Experts model.")

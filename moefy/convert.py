@@ -119,7 +119,8 @@ def build(model, tokenizer, stats: list, moe: MoEConfig, record: dict | None = N
     """Group each FFN's neurons into experts, build its router, and swap in the MoE layer."""
     family = family_for(model.config)
     layers, reports = [], []
-    for i, block in enumerate(tqdm(family.block_list(model), desc="experts and routers", disable=not progress)):
+    bar = tqdm(family.block_list(model), desc="experts and routers", disable=None if progress else True)
+    for i, block in enumerate(bar):
         ffn = family.dense_ffn(block, model.config)
         split = split_neurons(moe.method, ffn, stats[i], moe.num_experts, moe.shared, moe.seed + i)
         layer = MoEFFN.from_dense(ffn, split.shared, split.experts, router_spec(moe.router, moe))

@@ -19,7 +19,7 @@ def perplexity(model, blocks: torch.Tensor, batch_size: int = 8, progress: bool 
                desc: str = "perplexity") -> tuple[float, int]:
     """Causal-LM perplexity over [B, L] blocks (each block scored on its own); (ppl, tokens)."""
     nll, count = 0.0, 0
-    for batch in tqdm(blocks.split(batch_size), desc=desc, disable=not progress):
+    for batch in tqdm(blocks.split(batch_size), desc=desc, disable=None if progress else True):
         logits = model(input_ids=batch.to(model.device)).logits[:, :-1]
         target = batch[:, 1:].to(logits.device)
         nll += float(F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), reduction="sum"))

@@ -39,8 +39,23 @@ def moefy_class(base: type) -> type:
             base.__init__(self, config, *args, **kwargs)
             install_moe(self, config.moefy)
 
-        _CLASSES[name] = type(name, (base,), {"__init__": __init__, "__module__": __name__})
+        def from_pretrained(cls, *args, **kwargs):
+            model = base.from_pretrained.__func__(cls, *args, **kwargs)
+            own_memory(model)
+            return model
+
+        _CLASSES[name] = type(name, (base,), {"__init__": __init__, "from_pretrained": classmethod(from_pretrained),
+                                              "__module__": __name__})
     return _CLASSES[name]
+
+
+@torch.no_grad()
+def own_memory(model: torch.nn.Module):
+    """Copy every tensor into freshly allocated memory. Tensors read from safetensors sit at
+    the file's offsets; MKL's GEMM rounds differently at different alignments, so without this a
+    loaded model's logits differ from the converted model's in the last bits."""
+    for t in [*model.parameters(), *model.buffers()]:
+        t.data = t.data.clone()
 
 
 def base_class(name: str) -> type:

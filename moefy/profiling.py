@@ -97,7 +97,7 @@ def profile(model, family: Family, blocks: torch.Tensor, *, batch_size: int, mar
     n_layers = len(family.block_list(model))
     stats = [FFNStats(f"layer {i}", marker_share, coactivation, keep_inputs) for i in range(n_layers)]
     with capture(model, family, stats):
-        for batch in tqdm(blocks.split(batch_size), desc="profiling", disable=not progress):
+        for batch in tqdm(blocks.split(batch_size), desc="profiling", disable=None if progress else True):
             model(input_ids=batch.to(model.device))
     log.info("profiled %d tokens in %d layers", stats[0].tokens, n_layers)
     return stats

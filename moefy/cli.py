@@ -52,7 +52,8 @@ def convert(
     _logging(verbose)
 
     def body():
-        from . import convert as convert_fn, save
+        from . import convert as convert_fn, models, save
+        from . import data as data_mod
         from .config import DataConfig, MoEConfig
         from .io import check_target
 
@@ -64,11 +65,14 @@ def convert(
         data_cfg = DataConfig(source=calib, seq_len=seq_len, tokens=calib_tokens)
         moe_cfg.validate()
         data_cfg.validate()
-        m = convert_fn(model, moe=moe_cfg, data=data_cfg, progress=True)
-        if evaluate:
-            _evaluate(m, eval_data, eval_tokens, seq_len, json_out, overwrite=True)
+        loaded = models.load(model)
+        heldout = data_mod.blocks(eval_data, loaded.tokenizer, seq_len, max_tokens=eval_tokens) if evaluate else None
+        m = convert_fn(loaded.model, moe=moe_cfg, data=data_cfg, tokenizer=loaded.tokenizer, progress=True)
+        m.record["source"] = loaded.source
         save(m, out, overwrite=overwrite)
         typer.echo(f"saved {out}")
+        if evaluate:
+            _report(m, heldout, eval_data, json_out)
 
     _run(body)
 
@@ -83,35 +87,37 @@ def eval_cmd(
     top_k: Optional[int] = typer.Option(None, help="Override the saved fixed top-k."),
     tau: Optional[float] = typer.Option(None, help="Override with dynamic-k at this threshold."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON here."),
+    overwrite: bool = typer.Option(False, help="Replace an existing --json file."),
     verbose: bool = typer.Option(False, "-v", "--verbose"),
 ):
     """Held-out perplexity and FFN FLOPs of the dense and the MoE model, side by side."""
     _logging(verbose)
 
     def body():
+        from . import data as data_mod
         from . import load
+        from .io import check_target
 
+        if json_out is not None:
+            check_target(json_out, overwrite)
         m = load(run)
         if active is not None:
             m.set_active(active)
         if top_k is not None or tau is not None:
             m.set_routing(top_k=top_k, tau=tau)
-        _evaluate(m, data, tokens, seq_len, json_out, overwrite=True)
+        _report(m, data_mod.blocks(data, m.tokenizer, seq_len, max_tokens=tokens), data, json_out)
 
     _run(body)
 
 
-def _evaluate(m, data, tokens, seq_len, json_out, overwrite):
-    from . import data as data_mod
+def _report(m, blocks, data, json_out):
     from .evaluate import evaluate
     from .io import write_json
 
-    blocks = data_mod.blocks(data, m.tokenizer, seq_len, max_tokens=tokens)
-    result = evaluate(m, blocks, progress=True)
-    result["data"] = data
+    result = {**evaluate(m, blocks, progress=True), "data": data}
     typer.echo(render(result))
     if json_out is not None:
-        write_json(json_out, result, overwrite=overwrite)
+        write_json(json_out, result)
 
 
 def render(r: dict) -> str:

@@ -23,6 +23,8 @@ def test_convert_then_eval(tiny_folder, tmp_path):
     assert {"ppl", "ffn_flops_per_token"} <= set(result["dense"])
     assert {"ppl", "ffn_flops_per_token", "active_ffn_share"} <= set(result["moe"])
     assert result["moe"]["active_ffn_share"] <= 0.5
+    r = runner.invoke(app, ["eval", str(out), "--json", str(js)])
+    assert r.exit_code == 2 and "--overwrite" in r.output
     r = runner.invoke(app, ["eval", str(out), "--data", "pydoc:heldout", "--tokens", "512", "--seq-len", "32",
                             "--top-k", "8"])
     assert r.exit_code == 0 and "(1.00x)" in r.output, r.output

@@ -110,6 +110,51 @@ def eval_cmd(
     _run(body)
 
 
+@app.command()
+def bench(
+    run: Path = typer.Argument(..., help="A folder written by `moefy convert`."),
+    output_json: Optional[Path] = typer.Option(None, "--output-json", help="Write the result as JSON here."),
+    data: str = typer.Option("wiki-sample:heldout", help="Text for the prompt and the captured FFN inputs."),
+    input_len: int = typer.Option(128, help="Prompt tokens for generation and prefill."),
+    output_len: int = typer.Option(128, help="New tokens generated (greedy, KV cache on)."),
+    batch_size: int = typer.Option(1, help="Sequences per generation/prefill call."),
+    num_iters_warmup: int = typer.Option(5, help="Warm-up calls per benchmark."),
+    num_iters: int = typer.Option(20, help="Timed calls per round (FFN benchmarks)."),
+    rounds: int = typer.Option(3, help="Interleaved dense/MoE rounds."),
+    threads: int = typer.Option(1, help="torch threads (batch-1 decode is as fast on 1 as on 2 here)."),
+    prefill_tokens: int = typer.Option(2048, help="Tokens per FFN prefill call (8 x 256)."),
+    prefill_layers: int = typer.Option(4, help="FFN layers in the prefill stack."),
+    active: Optional[float] = typer.Option(None, help="Override: fixed top-k per layer for this FFN share."),
+    overwrite: bool = typer.Option(False, help="Replace an existing --output-json file."),
+):
+    """Dense vs MoE wall-clock: FFN stacks (batch 1, prefill), greedy decode tokens/s, prefill, memory."""
+    _logging(False)
+
+    def body():
+        import json
+
+        from . import bench as bench_mod
+        from . import data as data_mod
+        from . import load
+        from .io import check_target, write_json
+
+        if output_json is not None:
+            check_target(output_json, overwrite)
+        m = load(run)
+        if active is not None:
+            m.set_active(active)
+        seq = max(input_len, prefill_tokens // 8)
+        blocks = data_mod.blocks(data, m.tokenizer, seq, max_tokens=8 * seq, min_tokens=8 * seq)
+        result = bench_mod.run(m, blocks, input_len=input_len, output_len=output_len, batch_size=batch_size,
+                               warmup=num_iters_warmup, iters=num_iters, rounds=rounds, threads=threads,
+                               prefill_tokens=prefill_tokens, prefill_layers=prefill_layers)
+        typer.echo(json.dumps(result, indent=1))
+        if output_json is not None:
+            write_json(output_json, result)
+
+    _run(body)
+
+
 def _report(m, blocks, data, json_out):
     from .evaluate import evaluate
     from .io import write_json

@@ -95,16 +95,8 @@ def eval_cmd(
 
     def body():
         from . import data as data_mod
-        from . import load
-        from .io import check_target
 
-        if json_out is not None:
-            check_target(json_out, overwrite)
-        m = load(run)
-        if active is not None:
-            m.set_active(active)
-        if top_k is not None or tau is not None:
-            m.set_routing(top_k=top_k, tau=tau)
+        m = _open_run(run, json_out, overwrite, active=active, top_k=top_k, tau=tau)
         _report(m, data_mod.blocks(data, m.tokenizer, seq_len, max_tokens=tokens), data, json_out)
 
     _run(body)
@@ -135,14 +127,9 @@ def bench(
 
         from . import bench as bench_mod
         from . import data as data_mod
-        from . import load
-        from .io import check_target, write_json
+        from .io import write_json
 
-        if output_json is not None:
-            check_target(output_json, overwrite)
-        m = load(run)
-        if active is not None:
-            m.set_active(active)
+        m = _open_run(run, output_json, overwrite, active=active)
         seq = max(input_len, prefill_tokens // 8)
         blocks = data_mod.blocks(data, m.tokenizer, seq, max_tokens=8 * seq, min_tokens=8 * seq)
         result = bench_mod.run(m, blocks, input_len=input_len, output_len=output_len, batch_size=batch_size,
@@ -153,6 +140,21 @@ def bench(
             write_json(output_json, result)
 
     _run(body)
+
+
+def _open_run(run, json_out, overwrite, active=None, top_k=None, tau=None):
+    """Check the JSON target first (nothing is overwritten by surprise), load, apply overrides."""
+    from . import load
+    from .io import check_target
+
+    if json_out is not None:
+        check_target(json_out, overwrite)
+    m = load(run)
+    if active is not None:
+        m.set_active(active)
+    if top_k is not None or tau is not None:
+        m.set_routing(top_k=top_k, tau=tau)
+    return m
 
 
 def _report(m, blocks, data, json_out):

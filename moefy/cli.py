@@ -86,6 +86,7 @@ def eval_cmd(
     active: Optional[float] = typer.Option(None, help="Override: fixed top-k per layer for this FFN compute share."),
     top_k: Optional[int] = typer.Option(None, help="Override the saved fixed top-k."),
     tau: Optional[float] = typer.Option(None, help="Override with dynamic-k at this threshold."),
+    oracle: bool = typer.Option(False, help="Also score the same experts with perfect routing."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON here."),
     overwrite: bool = typer.Option(False, help="Replace an existing --json file."),
     verbose: bool = typer.Option(False, "-v", "--verbose"),
@@ -97,7 +98,7 @@ def eval_cmd(
         from . import data as data_mod
 
         m = _open_run(run, json_out, overwrite, active=active, top_k=top_k, tau=tau)
-        _report(m, data_mod.blocks(data, m.tokenizer, seq_len, max_tokens=tokens), data, json_out)
+        _report(m, data_mod.blocks(data, m.tokenizer, seq_len, max_tokens=tokens), data, json_out, oracle)
 
     _run(body)
 
@@ -157,11 +158,11 @@ def _open_run(run, json_out, overwrite, active=None, top_k=None, tau=None):
     return m
 
 
-def _report(m, blocks, data, json_out):
+def _report(m, blocks, data, json_out, oracle=False):
     from .evaluate import evaluate
     from .io import write_json
 
-    result = {**evaluate(m, blocks, progress=True), "data": data}
+    result = {**evaluate(m, blocks, progress=True, oracle=oracle), "data": data}
     typer.echo(render(result))
     if json_out is not None:
         write_json(json_out, result)
@@ -177,6 +178,10 @@ def render(r: dict) -> str:
     rows += [("FFN MFLOPs/token", f"{d['ffn_flops_per_token'] / 1e6:.1f}", f"{m['ffn_flops_per_token'] / 1e6:.1f}"),
              ("active FFN share", "100.0%", f"{m['active_ffn_share']:.1%}"),
              ("active neurons", "100.0%", f"{m['active_neuron_share']:.1%}")]
+    if "oracle" in r:
+        o = r["oracle"]
+        rows += [("oracle routing PPL", "", f"{o['ppl']:.3f} ({o['ppl_ratio']:.2f}x)"),
+                 ("router recall", "", f"{o['router_recall']:.1%}")]
     w = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = [f"{a:<{w[0]}}  {b:>{w[1]}}  {c:>{w[2]}}" for a, b, c in rows]
     return "\n".join([f"{r.get('data', '')}: {r['tokens']} tokens", *lines])

@@ -67,13 +67,25 @@ class MoEModel:
     @contextlib.contextmanager
     def all_experts(self):
         """Every expert active: the model computes exactly the dense model."""
-        for layer in self.layers:
-            layer.all_experts = True
-        try:
+        with self._switch("all_experts"):
             yield self
+
+    @contextlib.contextmanager
+    def oracle(self):
+        """Route by the true expert output norms (same k or tau): the best any router could do
+        with these experts. Analysis only: it computes every expert to rank them."""
+        with self._switch("oracle"):
+            yield self
+
+    @contextlib.contextmanager
+    def _switch(self, flag: str):
+        for layer in self.layers:
+            setattr(layer, flag, True)
+        try:
+            yield
         finally:
             for layer in self.layers:
-                layer.all_experts = False
+                setattr(layer, flag, False)
 
 
 def convert(model, calib: str = "wiki-sample", moe: MoEConfig = MoEConfig(),

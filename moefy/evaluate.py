@@ -44,9 +44,11 @@ def compute(m: MoEModel) -> dict:
             "active_ffn_share": moe / dense, "active_neuron_share": neurons / width, "mean_k": mean_k}
 
 
-def evaluate(m: MoEModel, blocks: torch.Tensor, batch_size: int = 8, progress: bool = False) -> dict:
+def evaluate(m: MoEModel, blocks: torch.Tensor, batch_size: int = 8, progress: bool = False,
+             oracle: bool = False) -> dict:
     """Dense vs MoE on the same blocks: perplexity (causal LMs) or agreement of the final hidden
-    states (encoders), and FFN FLOPs per token with the router counted."""
+    states (encoders), and FFN FLOPs per token with the router counted. With `oracle`, also the
+    same experts and k under perfect routing, and the router's recall of the oracle's choice."""
     for layer in m.layers:
         layer.reset_counters()
     causal = m.family.causal
@@ -66,4 +68,25 @@ def evaluate(m: MoEModel, blocks: torch.Tensor, batch_size: int = 8, progress: b
         out["tokens"] = dense[1]
     else:
         out["moe"]["cosine_to_dense"] = float(F.cosine_similarity(dense, moe, dim=-1).mean())
+    if oracle and causal:
+        with m.oracle():
+            ppl, _ = perplexity(m.model, blocks, batch_size, progress, "oracle")
+        out["oracle"] = {"ppl": ppl, "ppl_ratio": ppl / dense[0], "router_recall": router_recall(m, blocks[:1])}
     return out
+
+
+@torch.no_grad()
+def router_recall(m: MoEModel, blocks: torch.Tensor) -> float:
+    """Mean over layers of the share of the oracle's experts that the router selects, on the
+    layer inputs the MoE model itself produces."""
+    from .routing import recall
+
+    inputs = []
+    hooks = [l.register_forward_pre_hook(lambda _m, a: inputs.append(a[0].reshape(-1, a[0].shape[-1])))
+             for l in m.layers]
+    try:
+        m.model(input_ids=blocks)
+    finally:
+        for h in hooks:
+            h.remove()
+    return sum(recall(l, x) for l, x in zip(m.layers, inputs)) / len(inputs)

@@ -144,6 +144,7 @@ class MoEFFN(nn.Module):
         self.top_k = spec.get("top_k")
         self.tau = spec.get("tau")
         self.all_experts = False  # True: compute every expert (the exact dense FFN)
+        self.oracle = False  # True: route by the true expert output norms (analysis only: costs a dense FFN)
         empty = lambda *shape: nn.Parameter(torch.zeros(*shape))  # noqa: E731
         self.w_in = empty(E, n, D)
         self.w_up = empty(E, n, D) if self.gated else None
@@ -231,7 +232,8 @@ class MoEFFN(nn.Module):
         return y.reshape(shape)
 
     def route(self, x: torch.Tensor) -> torch.Tensor:
-        return select_experts(self.router(x), self.top_k, self.tau)
+        scores = self.expert_norms(x) if self.oracle else self.router(x)
+        return select_experts(scores, self.top_k, self.tau)
 
     def _hidden(self, x, w_in, w_up, b_in):
         h = ACTIVATIONS[self.act](F.linear(x, w_in, b_in))

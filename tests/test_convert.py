@@ -138,3 +138,18 @@ def test_set_active_changes_budget(tokenizer, ids):
     assert shares == sorted(shares)
     with pytest.raises(ConfigError):
         m.set_active(0)
+
+
+def test_oracle_routing_is_at_least_as_good(tokenizer, ids):
+    m = moefy.convert(tiny_model("llama"), moe=fast_cfg(num_experts=16, active=0.4), data=DATA, tokenizer=tokenizer)
+    blocks = moefy.data.blocks("pydoc:heldout", tokenizer, 32, max_tokens=512)
+    r = moefy.evaluate(m, blocks, oracle=True)
+    assert r["oracle"]["ppl"] <= r["moe"]["ppl"] * 1.02
+    assert 0 < r["oracle"]["router_recall"] <= 1
+    with m.oracle():  # the oracle picks exactly the largest-norm experts
+        layer = m.layers[0]
+        x = torch.randn(5, 32)
+        norms = layer.expert_norms(x)
+        chosen = layer.route(x)
+        assert torch.equal(chosen, torch.zeros_like(chosen).scatter_(1, norms.topk(layer.top_k).indices, True))
+    assert not m.layers[0].oracle

@@ -244,12 +244,15 @@ class MoEFFN(nn.Module):
             return x.new_zeros(x.shape)
         return self._hidden(x, self.shared_in, self.shared_up, self.shared_b_in) @ self.shared_out
 
-    def _dense(self, x):
-        """Every expert: the dense FFN computed from the expert-major weights, without copies."""
+    def hidden_all(self, x):
+        """The hidden activations of every routed neuron, expert-major, [T, E*n] (no copies)."""
         E, n, D = self.w_in.shape
         flat = lambda w: None if w is None else w.reshape(E * n, *w.shape[2:])  # noqa: E731
-        h = self._hidden(x, flat(self.w_in), flat(self.w_up), flat(self.b_in))  # [T, E*n]
-        return h @ flat(self.w_out) + self._shared(x)
+        return self._hidden(x, flat(self.w_in), flat(self.w_up), flat(self.b_in))
+
+    def _dense(self, x):
+        """Every expert: the dense FFN computed from the expert-major weights, without copies."""
+        return self.hidden_all(x) @ self.w_out.flatten(0, 1) + self._shared(x)
 
     def _experts(self, x, mask):
         if x.shape[0] == 1:
@@ -298,12 +301,10 @@ class MoEFFN(nn.Module):
         """||E_e(x)||_2 for every token and expert, [T, E]. Uses each expert's Gram matrix
         G_e = W_out,e W_out,e^T: ||E_e(x)||^2 = h_e^T G_e h_e, so no [E, T, D] output is formed."""
         E, n, D = self.w_in.shape
-        flat = lambda w: None if w is None else w.reshape(E * n, *w.shape[2:])  # noqa: E731
         gram = self.w_out @ self.w_out.transpose(1, 2)  # [E, n, n]
         norms = []
         for c in x.split(chunk):
-            h = self._hidden(c, flat(self.w_in), flat(self.w_up), flat(self.b_in))
-            h = h.view(-1, E, n).transpose(0, 1)  # [E, T, n]
+            h = self.hidden_all(c).view(-1, E, n).transpose(0, 1)  # [E, T, n]
             sq = (torch.bmm(h, gram) * h).sum(-1)  # [E, T]
             norms.append(sq.clamp_min(0).sqrt().T)
         return torch.cat(norms)

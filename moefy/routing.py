@@ -65,9 +65,7 @@ def router_targets(moe: MoEFFN, inputs: torch.Tensor, loss: str) -> torch.Tensor
             t = moe.expert_norms(inputs)
             return t / t.mean().clamp_min(1e-12)
         E, n, _ = moe.w_in.shape
-        flat = lambda w: None if w is None else w.reshape(E * n, *w.shape[2:])  # noqa: E731
-        h = moe._hidden(inputs, flat(moe.w_in), flat(moe.w_up), flat(moe.b_in)).abs()
-        s = h.view(-1, E, n).sum(-1)
+        s = moe.hidden_all(inputs).abs().view(-1, E, n).sum(-1)
         return s / s.amax(-1, keepdim=True).clamp_min(1e-12)
 
 

@@ -36,7 +36,7 @@ def convert(
     tau: Optional[float] = typer.Option(None, help="Dynamic-k threshold in [0, 1) instead of a fixed top-k."),
     method: str = typer.Option("coactivation", help="Grouping: random, param-kmeans, coactivation."),
     router: str = typer.Option("mlp", help="Router: mlp, similarity, representative."),
-    router_loss: str = typer.Option("norm", help="mlp router target: norm (D2DMoE) or bce (MoEfication)."),
+    router_loss: str = typer.Option("log-norm", help="mlp router target: log-norm, norm (D2DMoE) or bce (MoEfication)."),
     shared: float = typer.Option(0.0, help="Share of expert slots given to always-on shared neurons (CMoE)."),
     calib_tokens: int = typer.Option(16384, help="Calibration tokens."),
     seq_len: int = typer.Option(256, help="Tokens per block."),

@@ -33,7 +33,7 @@ class MoEConfig:
     shared: float = 0.0              # share of expert slots that become always-on shared neurons, [0, 1)
     router: str = "mlp"              # router kind, see moe_layer.ROUTERS
     router_hidden: int = 128         # hidden width of the mlp router
-    router_loss: str = "norm"        # mlp router target: "norm" (D2DMoE, MSE on expert output norms) or "bce" (MoEfication)
+    router_loss: str = "log-norm"    # mlp router target: "log-norm" (MSE on log(1 + expert output norm)), "norm" (D2DMoE) or "bce" (MoEfication)
     router_steps: int = 400          # Adam steps per layer for trained routers
     router_lr: float = 3e-3          # Adam learning rate for trained routers
     marker_share: float = 0.25       # a neuron is "active" on a token when in that token's top share by |h|
@@ -47,8 +47,8 @@ class MoEConfig:
             raise ConfigError(f"unknown method {self.method!r}; choose from {', '.join(GROUPINGS)}")
         if self.router not in ROUTERS:
             raise ConfigError(f"unknown router {self.router!r}; choose from {', '.join(ROUTERS)}")
-        if self.router_loss not in ("norm", "bce"):
-            raise ConfigError(f"unknown router loss {self.router_loss!r}; choose norm or bce")
+        if self.router_loss not in ("log-norm", "norm", "bce"):
+            raise ConfigError(f"unknown router loss {self.router_loss!r}; choose log-norm, norm or bce")
         if self.num_experts < 2:
             raise ConfigError(f"experts must be at least 2, got {self.num_experts}")
         if self.active is None and self.tau is None:

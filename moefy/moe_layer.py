@@ -81,7 +81,8 @@ class RepresentativeRouter(nn.Module):
 
 class MLPRouter(nn.Module):
     """A 2-layer MLP router. output="norm": it predicts each expert's output norm ||E_e(x)||_2
-    (D2DMoE); output="probability": sigmoid of logits trained with BCE on MoEfication's targets."""
+    (D2DMoE); "log-norm": the same norm, regressed as log(1 + norm); "probability": sigmoid of
+    logits trained with BCE on MoEfication's targets."""
 
     def __init__(self, hidden: int, num_experts: int, router_hidden: int = 128, output: str = "norm", **_):
         super().__init__()
@@ -94,7 +95,9 @@ class MLPRouter(nn.Module):
 
     def forward(self, x):
         out = self.logits(x)
-        return torch.sigmoid(out) if self.output == "probability" else out
+        if self.output == "probability":
+            return torch.sigmoid(out)
+        return torch.expm1(out.clamp(max=30.0)) if self.output == "log-norm" else out
 
     def flops_per_token(self) -> int:
         return 2 * (self.fc1.weight.numel() + self.fc2.weight.numel())

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 def router_spec(kind: str, cfg) -> dict:
     """The router entry of a MoEFFN spec for a MoEConfig."""
     if kind == "mlp":
-        output = "norm" if cfg.router_loss == "norm" else "probability"
+        output = {"norm": "norm", "log-norm": "log-norm", "bce": "probability"}[cfg.router_loss]
         return {"kind": "mlp", "options": {"router_hidden": cfg.router_hidden, "output": output}}
     return {"kind": kind}
 
@@ -58,12 +58,14 @@ def _corr(h, target):
 
 
 def router_targets(moe: MoEFFN, inputs: torch.Tensor, loss: str) -> torch.Tensor:
-    """D2DMoE ("norm"): each expert's output norm, scaled to mean 1. MoEfication ("bce"): the sum
-    of the expert's |h|, divided by the token's largest such sum, in [0, 1]."""
+    """D2DMoE ("norm"): each expert's output norm, scaled to mean 1; "log-norm": log(1 + that),
+    so a few tokens with huge norms do not dominate the fit. MoEfication ("bce"): the sum of the
+    expert's |h|, divided by the token's largest such sum, in [0, 1]."""
     with torch.no_grad():
-        if loss == "norm":
+        if loss in ("norm", "log-norm"):
             t = moe.expert_norms(inputs)
-            return t / t.mean().clamp_min(1e-12)
+            t = t / t.mean().clamp_min(1e-12)
+            return t if loss == "norm" else torch.log1p(t)
         E, n, _ = moe.w_in.shape
         s = moe.hidden_all(inputs).abs().view(-1, E, n).sum(-1)
         return s / s.amax(-1, keepdim=True).clamp_min(1e-12)
@@ -80,10 +82,10 @@ def train_mlp_router(moe: MoEFFN, inputs: torch.Tensor, *, loss: str, steps: int
     router = moe.router
     mean = targets[train].mean(0)
     with torch.no_grad():  # start the output bias at the mean target: faster, steadier fits
-        router.fc2.bias.copy_(mean if loss == "norm" else torch.logit(mean.clamp(1e-4, 1 - 1e-4)))
+        router.fc2.bias.copy_(torch.logit(mean.clamp(1e-4, 1 - 1e-4)) if loss == "bce" else mean)
     opt = torch.optim.Adam(router.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    objective = F.mse_loss if loss == "norm" else F.binary_cross_entropy_with_logits
+    objective = F.binary_cross_entropy_with_logits if loss == "bce" else F.mse_loss
     with torch.enable_grad():
         router.train()
         for _ in range(steps):

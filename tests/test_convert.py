@@ -153,3 +153,15 @@ def test_oracle_routing_is_at_least_as_good(tokenizer, ids):
         chosen = layer.route(x)
         assert torch.equal(chosen, torch.zeros_like(chosen).scatter_(1, norms.topk(layer.top_k).indices, True))
     assert not m.layers[0].oracle
+
+
+@pytest.mark.parametrize("loss", ["log-norm", "norm", "bce"])
+def test_router_losses(loss, tokenizer, ids):
+    m = moefy.convert(tiny_model("llama"), moe=fast_cfg(router_loss=loss, router_steps=100, num_experts=16, active=0.4),
+                      data=DATA, tokenizer=tokenizer)
+    assert all(r["router_recall"] > 0.3 for r in m.record["layers"])
+    scores = m.layers[0].router(torch.randn(4, 32))
+    if loss == "bce":
+        assert ((scores >= 0) & (scores <= 1)).all()
+    m.set_routing(tau=0.5)  # dynamic-k works on every router output
+    assert moefy.evaluate(m, ids)["moe"]["mean_k"] >= 1

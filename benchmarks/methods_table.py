@@ -39,6 +39,7 @@ def main():
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--active", type=float, nargs="+", default=[0.5, 0.25])
     p.add_argument("--variant", nargs="+", default=DEFAULT_VARIANTS, help="method:router:shared:experts")
+    p.add_argument("--router-loss", default="log-norm", help="mlp router target (see moefy convert --help)")
     p.add_argument("--out", required=True, help="JSON file for the results")
     args = p.parse_args()
 
@@ -50,7 +51,7 @@ def main():
     for variant in args.variant:
         method, router, shared, experts = variant.split(":")
         cfg = MoEConfig(method=method, router=router, shared=float(shared), num_experts=int(experts),
-                        active=max(args.active))
+                        active=max(args.active), router_loss=args.router_loss)
         start = time.time()
         m = build(copy.deepcopy(loaded.model), loaded.tokenizer, stats, cfg)
         build_s = time.time() - start
@@ -58,7 +59,8 @@ def main():
         for active in args.active:
             m.set_active(active)
             r = evaluate(m, heldout)
-            rows.append({"method": method, "router": router, "shared": float(shared), "experts": int(experts),
+            rows.append({"method": method, "router": router, "router_loss": args.router_loss if router == "mlp" else None,
+                         "shared": float(shared), "experts": int(experts),
                          "active_target": active, "build_s": build_s, "router_recall_at_max_active": recall,
                          "command": command(args, method, router, shared, experts, active), **r})
             print(json.dumps({k: rows[-1][k] for k in ("method", "router", "shared", "active_target")}),
@@ -72,8 +74,9 @@ def main():
 
 def command(args, method, router, shared, experts, active):
     shared_flag = f" --shared {shared}" if float(shared) else ""
+    loss_flag = f" --router-loss {args.router_loss}" if router == "mlp" else ""
     return (f"moefy convert --model {args.model} --calib {args.calib} --calib-tokens {args.calib_tokens} "
-            f"--seq-len {args.seq_len} --experts {experts} --method {method} --router {router}{shared_flag} "
+            f"--seq-len {args.seq_len} --experts {experts} --method {method} --router {router}{loss_flag}{shared_flag} "
             f"--active {active} --eval-data {args.eval_data} --eval-tokens {args.eval_tokens} --out runs/x")
 
 

@@ -45,24 +45,23 @@ class MoEModel:
 
     def set_routing(self, *, top_k: int | None = None, tau: float | None = None):
         """Change the selection rule after conversion: a fixed top-k, or dynamic-k with tau."""
+        fewest = min(layer.spec["num_experts"] for layer in self.layers)
+        if top_k is None and tau is None:
+            raise ConfigError("give top_k or tau")
+        if top_k is not None and not 1 <= top_k <= fewest:
+            raise ConfigError(f"top-k must be in [1, {fewest}], got {top_k}")
+        if tau is not None and not 0 <= tau < 1:
+            raise ConfigError(f"tau must be in [0, 1), got {tau}")
         for layer in self.layers:
-            E = layer.spec["num_experts"]
-            if top_k is not None and not 1 <= top_k <= E:
-                raise ConfigError(f"top-k must be in [1, {E}], got {top_k}")
-            if tau is not None and not 0 <= tau < 1:
-                raise ConfigError(f"tau must be in [0, 1), got {tau}")
-            if top_k is None and tau is None:
-                raise ConfigError("give top_k or tau")
-            layer.top_k, layer.tau = top_k, tau
-            layer.spec.update(top_k=top_k, tau=tau)
+            layer.set_selection(top_k, tau)
 
     def set_active(self, share: float):
         """Fixed top-k per layer: the largest k whose FFN FLOPs (router counted) fit `share`."""
         if not 0 < share <= 1:
             raise ConfigError(f"active share must be in (0, 1], got {share}")
-        for layer in self.layers:
-            layer.top_k, layer.tau = _top_k(layer, share), None
-            layer.spec.update(top_k=layer.top_k, tau=None)
+        ks = [_top_k(layer, share) for layer in self.layers]  # all checked before any changes
+        for layer, k in zip(self.layers, ks):
+            layer.set_selection(k, None)
 
     @contextlib.contextmanager
     def all_experts(self):
@@ -136,8 +135,7 @@ def build(model, tokenizer, stats: list, moe: MoEConfig, record: dict | None = N
         ffn = family.dense_ffn(block, model.config)
         split = split_neurons(moe.method, ffn, stats[i], moe.num_experts, moe.shared, moe.seed + i)
         layer = MoEFFN.from_dense(ffn, split.shared, split.experts, router_spec(moe.router, moe))
-        layer.top_k, layer.tau = _selection(layer, moe)
-        layer.spec.update(top_k=layer.top_k, tau=layer.tau)
+        layer.set_selection(*_selection(layer, moe))
         torch.manual_seed(moe.seed + i)
         metrics = build_router(layer, stats[i].inputs, moe)
         layers.append(layer.requires_grad_(False))

@@ -195,6 +195,11 @@ class MoEFFN(nn.Module):
         moe.shared_neurons.copy_(shared)
         return moe
 
+    def set_selection(self, top_k: int | None, tau: float | None):
+        """Fixed top-k, or dynamic-k with tau (top_k then caps k); kept in the spec that is saved."""
+        self.top_k, self.tau = top_k, tau
+        self.spec.update(top_k=top_k, tau=tau)
+
     # -- bookkeeping ----------------------------------------------------------------------------
 
     def reset_counters(self):

@@ -34,27 +34,19 @@ def init_similarity(moe: MoEFFN):
 def init_representative(moe: MoEFFN, inputs: torch.Tensor):
     """CMoE: each expert's representative is the neuron whose |h| over calibration tokens follows
     the expert's output norm most closely (highest correlation)."""
-    norms = moe.expert_norms(inputs)  # [N, E]
     E, n, _ = moe.w_in.shape
-    best = []
-    for e in range(E):
-        up = None if moe.w_up is None else moe.w_up[e]
-        b = None if moe.b_in is None else moe.b_in[e]
-        h = moe._hidden(inputs, moe.w_in[e], up, b).abs()  # [N, n]
-        best.append(int(_corr(h, norms[:, e]).argmax()))
-    idx = torch.arange(E), torch.tensor(best)
+    h = moe.hidden_all(inputs).abs().view(-1, E, n)  # [N, E, n]
+    h = h - h.mean(0)
+    t = moe.expert_norms(inputs)  # [N, E]
+    t = t - t.mean(0)
+    corr = (h * t[:, :, None]).sum(0) / (h.norm(dim=0) * t.norm(dim=0)[:, None] + 1e-12)  # [E, n]
+    idx = torch.arange(E), corr.argmax(1)
     r = moe.router
     r.w_in.copy_(moe.w_in[idx])
     if r.w_up is not None:
         r.w_up.copy_(moe.w_up[idx])
     if r.b_in is not None:
         r.b_in.copy_(moe.b_in[idx])
-
-
-def _corr(h, target):
-    h = h - h.mean(0)
-    t = target - target.mean()
-    return (h * t[:, None]).sum(0) / (h.norm(dim=0) * t.norm() + 1e-12)
 
 
 def router_targets(moe: MoEFFN, inputs: torch.Tensor, loss: str) -> torch.Tensor:

@@ -165,3 +165,20 @@ def test_router_losses(loss, tokenizer, ids):
         assert ((scores >= 0) & (scores <= 1)).all()
     m.set_routing(tau=0.5)  # dynamic-k works on every router output
     assert moefy.evaluate(m, ids)["moe"]["mean_k"] >= 1
+
+
+def test_representative_router_picks_the_best_correlated_neuron():
+    """An expert whose output is driven by one neuron gets that neuron as its representative."""
+    from moefy.arch import DenseFFN
+    from moefy.moe_layer import MoEFFN
+    from moefy.routing import init_representative
+
+    g = torch.Generator().manual_seed(0)
+    w_in = torch.randn(8, 6, generator=g)
+    w_out = torch.full((8, 6), 1e-3)
+    w_out[5] = 10.0  # neuron 5 dominates expert 1's output
+    ffn = DenseFFN("mlp", "relu", w_in, None, None, w_out, None)
+    moe = MoEFFN.from_dense(ffn, torch.tensor([], dtype=torch.long), torch.arange(8).view(2, 4),
+                            {"kind": "representative"}, top_k=1)
+    init_representative(moe, torch.randn(500, 6, generator=g))
+    torch.testing.assert_close(moe.router.w_in[1], w_in[5])

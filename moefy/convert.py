@@ -134,9 +134,9 @@ def build(model, tokenizer, stats: list, moe: MoEConfig, record: dict | None = N
     for i, block in enumerate(bar):
         ffn = family.dense_ffn(block, model.config)
         split = split_neurons(moe.method, ffn, stats[i], moe.num_experts, moe.shared, moe.seed + i)
+        torch.manual_seed(moe.seed + i)  # router initialisation and training depend on the seed alone
         layer = MoEFFN.from_dense(ffn, split.shared, split.experts, router_spec(moe.router, moe))
         layer.set_selection(*_selection(layer, moe))
-        torch.manual_seed(moe.seed + i)
         metrics = build_router(layer, stats[i].inputs, moe)
         layers.append(layer.requires_grad_(False))
         reports.append({"layer": i, "top_k": layer.top_k, **metrics})

@@ -182,3 +182,17 @@ def test_representative_router_picks_the_best_correlated_neuron():
                             {"kind": "representative"}, top_k=1)
     init_representative(moe, torch.randn(500, 6, generator=g))
     torch.testing.assert_close(moe.router.w_in[1], w_in[5])
+
+
+def test_same_seed_same_model_whatever_ran_before(tokenizer, ids):
+    def run():
+        return moefy.convert(tiny_model("llama"), moe=fast_cfg(), data=DATA, tokenizer=tokenizer)
+
+    a = run()
+    torch.randn(1000)  # consume the global RNG in between
+    b = run()
+    for la, lb in zip(a.layers, b.layers):
+        assert torch.equal(la.expert_neurons, lb.expert_neurons)
+        for pa, pb in zip(la.router.parameters(), lb.router.parameters()):
+            assert torch.equal(pa, pb)
+    torch.testing.assert_close(outputs(a.model, ids), outputs(b.model, ids), atol=0, rtol=0)

@@ -26,11 +26,11 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class MoEConfig:
-    num_experts: int = 96            # expert slots per FFN, shared slots included; FFN width / this = neurons per expert
+    num_experts: int = 384           # expert slots per FFN, shared slots included; FFN width / this = neurons per expert
     active: float | None = 0.5       # target FFN compute share per token, router and shared experts counted, in (0, 1]
     tau: float | None = None         # dynamic-k threshold in [0, 1); replaces the fixed top-k from `active`
     method: str = "coactivation"     # neuron grouping, see grouping.GROUPINGS
-    shared: float = 0.0              # share of expert slots that become always-on shared neurons, [0, 1)
+    shared: float = 0.1              # share of expert slots that become always-on shared neurons, [0, 1)
     router: str = "mlp"              # router kind, see moe_layer.ROUTERS
     router_hidden: int = 128         # hidden width of the mlp router
     router_loss: str = "log-norm"    # mlp router target: "log-norm" (MSE on log(1 + expert output norm)), "norm" (D2DMoE) or "bce" (MoEfication)

@@ -228,28 +228,38 @@ class MoEFFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [T, D]
-        if self.all_experts:
-            y = self._dense(x)
-        else:
-            mask = self.route(x)  # [T, E]
-            self.tokens_seen += x.shape[0]
-            self.experts_selected += int(mask.sum())
-            y = self._experts(x, mask) + self._shared(x)
+        y = self._dense(x) if self.all_experts else self._sparse(x)
         if self.b_out is not None:
             y = y + self.b_out
         return y.reshape(shape)
 
     def route(self, x: torch.Tensor) -> torch.Tensor:
-        scores = self.expert_norms(x) if self.oracle else self.router(x)
-        return select_experts(scores, self.top_k, self.tau)
+        """The experts each token uses, as a boolean mask [T, E]."""
+        return select_experts(self._scores(x), self.top_k, self.tau)
+
+    def _scores(self, x):
+        return self.expert_norms(x) if self.oracle else self.router(x)
+
+    def _sparse(self, x):
+        scores = self._scores(x)  # [T, E]
+        if x.shape[0] == 1 and self.tau is None:
+            # Decode: indices straight from top-k (no mask, no host sync), one gathered product.
+            k = self.top_k
+            y = self._experts_gather(x, scores[0].topk(k).indices)
+        else:
+            mask = select_experts(scores, self.top_k, self.tau)
+            k = int(mask.sum())
+            y = (self._experts_gather(x, mask[0].nonzero().squeeze(1)) if x.shape[0] == 1
+                 else self._experts_grouped(x, mask))
+        self.tokens_seen += x.shape[0]
+        self.experts_selected += k
+        return y if self.shared_in is None else y + self._shared(x)
 
     def _hidden(self, x, w_in, w_up, b_in):
         h = ACTIVATIONS[self.act](F.linear(x, w_in, b_in))
         return h * F.linear(x, w_up) if w_up is not None else h
 
     def _shared(self, x):
-        if self.shared_in is None:
-            return x.new_zeros(x.shape)
         return self._hidden(x, self.shared_in, self.shared_up, self.shared_b_in) @ self.shared_out
 
     def hidden_all(self, x):
@@ -260,12 +270,8 @@ class MoEFFN(nn.Module):
 
     def _dense(self, x):
         """Every expert: the dense FFN computed from the expert-major weights, without copies."""
-        return self.hidden_all(x) @ self.w_out.flatten(0, 1) + self._shared(x)
-
-    def _experts(self, x, mask):
-        if x.shape[0] == 1:
-            return self._experts_gather(x, mask[0].nonzero().squeeze(1))
-        return self._experts_grouped(x, mask)
+        y = self.hidden_all(x) @ self.w_out.flatten(0, 1)
+        return y if self.shared_in is None else y + self._shared(x)
 
     def _experts_gather(self, x, idx):
         """One token: gather the selected experts' rows into one product (decode path)."""
@@ -324,7 +330,7 @@ class MoEFFN(nn.Module):
         mask = self.route(x) if mask is None else mask
         rows = []
         for t in range(x.shape[0]):
-            y = self._shared(x[t:t + 1])[0]
+            y = x.new_zeros(shape[-1]) if self.shared_in is None else self._shared(x[t:t + 1])[0]
             for e in mask[t].nonzero().flatten().tolist():
                 b = None if self.b_in is None else self.b_in[e]
                 up = None if self.w_up is None else self.w_up[e]

@@ -12,7 +12,7 @@ from conftest import tiny_model
 
 
 def converted(tokenizer):
-    return moefy.convert(tiny_model("llama"), moe=MoEConfig(num_experts=8, router="similarity"),
+    return moefy.convert(tiny_model("llama"), moe=MoEConfig(num_experts=8, shared=0.0, router="similarity"),
                          data=DataConfig(source="pydoc", seq_len=32, tokens=512), tokenizer=tokenizer)
 
 

@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 from moefy.cli import app
 
 runner = CliRunner()
-FAST = ["--calib", "pydoc", "--experts", "8", "--calib-tokens", "2048", "--seq-len", "32",
+FAST = ["--calib", "pydoc", "--experts", "8", "--shared", "0", "--calib-tokens", "2048", "--seq-len", "32",
         "--eval-data", "pydoc:heldout", "--eval-tokens", "512"]
 
 

@@ -14,7 +14,7 @@ DATA = DataConfig(source="pydoc", seq_len=32, tokens=2048, batch_size=16)
 
 
 def fast_cfg(**kw):
-    return MoEConfig(**{"num_experts": 8, "active": 0.5, "router_steps": 30, "router_hidden": 16, **kw})
+    return MoEConfig(**{"num_experts": 8, "active": 0.5, "shared": 0.0, "router_steps": 30, "router_hidden": 16, **kw})
 
 
 def outputs(model, ids):

@@ -23,7 +23,7 @@ def smollm():
 def test_smollm_convert_save_load(smollm, tmp_path):
     ids = smollm.tokenizer("The history of the city begins in", return_tensors="pt").input_ids
     dense = smollm.model(input_ids=ids).logits
-    m = moefy.convert(smollm.model, moe=MoEConfig(num_experts=96, active=0.5, router="similarity"),
+    m = moefy.convert(smollm.model, moe=MoEConfig(num_experts=96, shared=0.0, active=0.5, router="similarity"),
                       data=DataConfig(source="wiki-sample", tokens=2048, seq_len=256), tokenizer=smollm.tokenizer)
     assert len(m.layers) == 30 and m.layers[0].spec["expert_size"] == 16
     with m.all_experts():

@@ -26,6 +26,7 @@ from torch import nn
 
 from .convert import MoEModel
 from .errors import MoefyError
+from .evaluate import compute
 from .moe_layer import ACTIVATIONS, MoEFFN
 
 
@@ -100,21 +101,6 @@ def _time(fn, iters):
     return out
 
 
-@torch.no_grad()
-def ffn_inputs(m: MoEModel, blocks: torch.Tensor) -> list[torch.Tensor]:
-    """Each MoE layer's real input on `blocks` [B, L], as [B*L, D] per layer."""
-    captured = []
-    hooks = [layer.register_forward_pre_hook(lambda _m, a: captured.append(a[0].reshape(-1, a[0].shape[-1])))
-             for layer in m.layers]
-    try:
-        with m.all_experts():
-            m.model(input_ids=blocks)
-    finally:
-        for h in hooks:
-            h.remove()
-    return captured
-
-
 def check_parity(m: MoEModel, dense: list[nn.Module], inputs: list[torch.Tensor], atol: float = 1e-4):
     with m.all_experts():
         for i, (layer, d, x) in enumerate(zip(m.layers, dense, inputs)):
@@ -179,7 +165,8 @@ def run(m: MoEModel, blocks: torch.Tensor, *, input_len: int, output_len: int, b
     """The whole benchmark: FFN stacks at batch 1 and prefill size, model decode and prefill."""
     torch.set_num_threads(threads)
     load_before = os.getloadavg()[0]
-    inputs = ffn_inputs(m, blocks)
+    with m.all_experts():
+        inputs = m.layer_inputs(blocks)
     timing = dict(warmup=warmup, iters=iters, rounds=rounds)
     result = environment(threads)
     result["ffn_batch1"] = bench_ffn(m, inputs, 1, None, **timing)
@@ -189,7 +176,7 @@ def run(m: MoEModel, blocks: torch.Tensor, *, input_len: int, output_len: int, b
     for layer in m.layers:
         layer.reset_counters()
     result.update(bench_model(m, dense_model, prompt, output_len, warmup=1, iters=rounds))
-    result["active_ffn_share"] = _share(m)  # measured over the generation runs
+    result["active_ffn_share"] = compute(m)["active_ffn_share"]  # measured over the generation runs
     result["weights_mb"] = {"dense": _mb(dense_model), "moe": _mb(m.model)}
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     # The 1-minute load average counts this benchmark's own threads; more than that means another
@@ -198,11 +185,6 @@ def run(m: MoEModel, blocks: torch.Tensor, *, input_len: int, output_len: int, b
     if result["load_avg_1m"] > threads + 0.5:
         result["warning"] = "another process was busy during the run; ratios may be noisy"
     return result
-
-
-def _share(m: MoEModel) -> float:
-    dense = sum(l.dense_flops_per_token() for l in m.layers)
-    return sum(l.flops_per_token(l.mean_k()) for l in m.layers) / dense
 
 
 def _mb(model) -> float:

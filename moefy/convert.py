@@ -63,6 +63,20 @@ class MoEModel:
         for layer, k in zip(self.layers, ks):
             layer.set_selection(k, None)
 
+    @torch.no_grad()
+    def layer_inputs(self, blocks: torch.Tensor) -> list[torch.Tensor]:
+        """Each MoE layer's input when the model runs on `blocks` [B, L], as [B*L, D] per layer
+        (in the current mode: wrap in all_experts() for the dense model's inputs)."""
+        captured = []
+        hooks = [layer.register_forward_pre_hook(lambda _m, a: captured.append(a[0].reshape(-1, a[0].shape[-1])))
+                 for layer in self.layers]
+        try:
+            self.model(input_ids=blocks)
+        finally:
+            for h in hooks:
+                h.remove()
+        return captured
+
     @contextlib.contextmanager
     def all_experts(self):
         """Every expert active: the model computes exactly the dense model."""

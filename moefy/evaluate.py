@@ -81,12 +81,5 @@ def router_recall(m: MoEModel, blocks: torch.Tensor) -> float:
     layer inputs the MoE model itself produces."""
     from .routing import recall
 
-    inputs = []
-    hooks = [l.register_forward_pre_hook(lambda _m, a: inputs.append(a[0].reshape(-1, a[0].shape[-1])))
-             for l in m.layers]
-    try:
-        m.model(input_ids=blocks)
-    finally:
-        for h in hooks:
-            h.remove()
+    inputs = m.layer_inputs(blocks)
     return sum(recall(l, x) for l, x in zip(m.layers, inputs)) / len(inputs)

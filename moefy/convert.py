@@ -17,7 +17,7 @@ from .config import DataConfig, MoEConfig
 from .errors import ConfigError
 from .grouping import NEEDS_COACTIVATION, split_neurons
 from .modeling_moefy import install_moe
-from .moe_layer import MoEFFN, top_k_for_share
+from .moe_layer import MoEFFN
 from .profiling import profile
 from .routing import build_router, router_spec
 
@@ -168,7 +168,7 @@ def _selection(layer: MoEFFN, moe: MoEConfig) -> tuple[int | None, float | None]
 
 
 def _top_k(layer: MoEFFN, active: float) -> int:
-    k = top_k_for_share(layer.spec, layer.router, active)
+    k = layer.top_k_for_share(active)
     if k < 1:
         share = layer.flops_per_token(0)  # router + shared neurons
         raise ConfigError(f"active share {active} leaves no room for a routed expert: the router and "

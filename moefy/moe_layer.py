@@ -220,6 +220,14 @@ class MoEFFN(nn.Module):
         neurons = self.spec["shared"] + mean_k * n
         return self.router.flops_per_token() + 2 * self.matrices * D * neurons
 
+    def top_k_for_share(self, active: float) -> int:
+        """The largest k whose FFN FLOPs (router and shared neurons included) stay within `active`
+        times the dense FFN's (at most every expert; below 1 when even one does not fit)."""
+        fixed = self.flops_per_token(0)  # router + shared neurons
+        per_expert = self.flops_per_token(1) - fixed
+        k = math.floor((active * self.dense_flops_per_token() - fixed) / per_expert + 1e-9)
+        return min(k, self.spec["num_experts"])
+
     def mean_k(self) -> float:
         return self.experts_selected / max(self.tokens_seen, 1)
 
@@ -301,7 +309,7 @@ class MoEFFN(nn.Module):
     # -- reference and analysis paths -----------------------------------------------------------
 
     def expert_outputs(self, x: torch.Tensor) -> torch.Tensor:
-        """Every expert's output for every token, [E, T, D] (analysis and router targets)."""
+        """Every expert's output for every token, [E, T, D]: the plain reference for expert_norms."""
         E, n, D = self.w_in.shape
         h = torch.einsum("td,end->etn", x, self.w_in)
         if self.b_in is not None:
@@ -346,12 +354,3 @@ class MoEFFN(nn.Module):
         return (f"experts={E}x{n}, shared={self.spec['shared']}, hidden={D}, act={self.act}, "
                 f"router={self.spec['router']['kind']}, {sel}")
 
-
-def top_k_for_share(spec: dict, router: nn.Module, active: float) -> int:
-    """The largest k whose FFN FLOPs (router and shared neurons included) stay within `active`
-    times the dense FFN's."""
-    per_neuron = 2 * (3 if spec["kind"] == "swiglu" else 2) * spec["hidden"]
-    dense = per_neuron * (spec["num_experts"] * spec["expert_size"] + spec["shared"])
-    budget = active * dense - router.flops_per_token() - per_neuron * spec["shared"]
-    k = math.floor(budget / (per_neuron * spec["expert_size"]) + 1e-9)
-    return min(k, spec["num_experts"])

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from moefy.arch import DenseFFN
-from moefy.moe_layer import ACTIVATIONS, MoEFFN, select_experts, top_k_for_share
+from moefy.moe_layer import ACTIVATIONS, MoEFFN, select_experts
 
 D, I = 24, 48
 
@@ -91,7 +91,7 @@ def test_select_experts_top_k_and_dynamic_k():
 def test_top_k_for_share_respects_budget():
     _, moe = make_moe(E=8, router="similarity")
     for active in (0.25, 0.5, 1.0):
-        k = top_k_for_share(moe.spec, moe.router, active)
+        k = moe.top_k_for_share(active)
         assert moe.flops_per_token(k) <= active * moe.dense_flops_per_token() or k == 8
         if k < 8:
             assert moe.flops_per_token(k + 1) > active * moe.dense_flops_per_token()

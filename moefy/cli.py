@@ -67,8 +67,7 @@ def convert(
         data_cfg.validate()
         loaded = models.load(model)
         heldout = data_mod.blocks(eval_data, loaded.tokenizer, seq_len, max_tokens=eval_tokens) if evaluate else None
-        m = convert_fn(loaded.model, moe=moe_cfg, data=data_cfg, tokenizer=loaded.tokenizer, progress=True)
-        m.record["source"] = loaded.source
+        m = convert_fn(loaded, moe=moe_cfg, data=data_cfg, progress=True)
         save(m, out, overwrite=overwrite)
         typer.echo(f"saved {out}")
         if evaluate:

@@ -103,12 +103,13 @@ class MoEModel:
 
 def convert(model, calib: str = "wiki-sample", moe: MoEConfig = MoEConfig(),
             data: DataConfig | None = None, *, tokenizer=None, progress: bool = False) -> MoEModel:
-    """Turn a dense model (a name/path for models.load, or a loaded transformers model with its
-    tokenizer) into an MoE model, using calibration text `calib`."""
+    """Turn a dense model (a name/path for models.load, a models.LoadedModel, or a transformers
+    model with its tokenizer) into an MoE model, using calibration text `calib`."""
     data = data or DataConfig(source=calib)
     if isinstance(model, str):
-        loaded = models.load(model)
-        model, tokenizer, source = loaded.model, loaded.tokenizer, loaded.source
+        model = models.load(model)
+    if isinstance(model, models.LoadedModel):
+        model, tokenizer, source = model.model, model.tokenizer, model.source
     else:
         source = getattr(model.config, "_name_or_path", "") or type(model).__name__
     if tokenizer is None:

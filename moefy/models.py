@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from .arch import FAMILIES, family_for
+from .arch import family_for
 from .errors import ModelLoadError, UnsupportedModel
 
 log = logging.getLogger(__name__)
@@ -99,4 +99,4 @@ def _ready(model):
     return model.eval().requires_grad_(False)
 
 
-__all__ = ["BUILTIN", "FAMILIES", "LoadedModel", "ModelLoadError", "load", "resolve", "gguf_architecture"]
+__all__ = ["BUILTIN", "LoadedModel", "ModelLoadError", "load", "resolve", "gguf_architecture"]

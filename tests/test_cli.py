@@ -67,3 +67,10 @@ def test_existing_output_is_kept(tiny_folder, tmp_path):
 def test_eval_of_a_non_moefy_folder(tiny_folder):
     r = runner.invoke(app, ["eval", str(tiny_folder)])
     assert r.exit_code == 2 and "moefy" in r.output
+
+
+def test_record_names_the_source(tiny_folder, tmp_path):
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["convert", "--model", str(tiny_folder), "--out", str(out), "--no-eval", "--router", "similarity", *FAST])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "moefy.json").read_text())["source"] == str(tiny_folder)

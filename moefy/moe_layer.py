@@ -124,6 +124,23 @@ def select_experts(scores: torch.Tensor, top_k: int | None, tau: float | None) -
 
 
 # ----------------------------------------------------------------------------------------------
+# The compiled CPU kernels (moefy.kernels) when moefy is installed; without them (a saved folder
+# loaded by plain transformers) the torch paths below give the same results up to rounding.
+
+KERNEL_MAX_TOKENS = 64  # above this many tokens per call the grouped torch path is faster (BENCHMARKS.md)
+_KERNELS: object = False
+
+
+def _kernels():
+    global _KERNELS
+    if _KERNELS is False:
+        try:
+            from moefy.kernels import load
+        except ImportError:
+            _KERNELS = None
+        else:
+            _KERNELS = load()
+    return _KERNELS
 
 
 class MoEFFN(nn.Module):
@@ -163,6 +180,7 @@ class MoEFFN(nn.Module):
         r = spec["router"]
         self.router = ROUTERS[r["kind"]](D, E, gated=self.gated, act=self.act,
                                          bias=spec["bias_in"], **r.get("options", {}))
+        self._mlp_router = isinstance(self.router, MLPRouter)
         self.reset_counters()
 
     @staticmethod
@@ -249,19 +267,47 @@ class MoEFFN(nn.Module):
         return self.expert_norms(x) if self.oracle else self.router(x)
 
     def _sparse(self, x):
+        T = x.shape[0]
+        kern = _kernels() if T <= KERNEL_MAX_TOKENS else None
+        if kern is not None and x.dtype == torch.float32 and x.device.type == "cpu" and not (
+                torch.is_grad_enabled() and (x.requires_grad or self.w_in.requires_grad)):
+            args = self._kernel_args(kern)
+            if args is not None:
+                return self._sparse_kernel(kern, args, x.contiguous())
         scores = self._scores(x)  # [T, E]
-        if x.shape[0] == 1 and self.tau is None:
+        if T == 1 and self.tau is None:
             # Decode: indices straight from top-k (no mask, no host sync), one gathered product.
             k = self.top_k
             y = self._experts_gather(x, scores[0].topk(k).indices)
         else:
             mask = select_experts(scores, self.top_k, self.tau)
             k = int(mask.sum())
-            y = (self._experts_gather(x, mask[0].nonzero().squeeze(1)) if x.shape[0] == 1
-                 else self._experts_grouped(x, mask))
-        self.tokens_seen += x.shape[0]
+            y = self._experts_gather(x, mask[0].nonzero().squeeze(1)) if T == 1 else self._experts_grouped(x, mask)
+        self.tokens_seen += T
         self.experts_selected += k
         return y if self.shared_in is None else y + self._shared(x)
+
+    def _kernel_args(self, kern):
+        """The kernels' view of this layer's weights, rebuilt whenever a weight tensor changed."""
+        cached = self.__dict__.get("_kargs")
+        if cached is None or cached.key != kern.weights_key(self):
+            cached = kern.prepare(self)
+            self.__dict__["_kargs"] = cached
+        return cached
+
+    def _sparse_kernel(self, kern, args, x):
+        """The compiled path (moefy.kernels): router, selected experts and shared neurons."""
+        T = x.shape[0]
+        self.tokens_seen += T
+        if self.tau is None:
+            self.experts_selected += T * self.top_k
+            if self._mlp_router and not self.oracle:
+                return kern.mlp_moe(args, x, self.top_k)
+            return kern.experts(args, x, self._scores(x).topk(self.top_k, dim=-1).indices)
+        mask = select_experts(self._scores(x), self.top_k, self.tau)
+        experts = mask.nonzero()[:, 1].contiguous()
+        self.experts_selected += len(experts)
+        return kern.experts(args, x, experts, F.pad(mask.sum(1).cumsum(0), (1, 0)))
 
     def _hidden(self, x, w_in, w_up, b_in):
         h = ACTIVATIONS[self.act](F.linear(x, w_in, b_in))

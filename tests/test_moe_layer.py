@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from moefy import moe_layer
 from moefy.arch import DenseFFN
 from moefy.moe_layer import ACTIVATIONS, MoEFFN, select_experts
 
@@ -34,8 +35,30 @@ def make_moe(kind="swiglu", bias=False, shared=0, E=None, router="mlp", top_k=2,
 CASES = [("swiglu", False, 0), ("swiglu", False, 12), ("mlp", True, 0), ("mlp", True, 6)]
 
 
+@pytest.fixture(params=["torch", "kernels"])
+def path(request, monkeypatch):
+    """Run a test on the torch paths and on the compiled kernels (inference mode: no autograd)."""
+    if request.param == "kernels" and moe_layer._kernels() is None:
+        pytest.skip("moefy.kernels could not be built here (no C++ compiler)")
+    if request.param == "torch":
+        monkeypatch.setattr(moe_layer, "_KERNELS", None)
+    with torch.no_grad():
+        yield request.param
+
+
+def selection(moe, x):
+    """The experts the layer will use for x: the kernels rank the MLP router's logits in C++."""
+    x = x.reshape(-1, D)
+    kern = moe_layer._kernels()
+    if kern is not None and moe.tau is None and isinstance(moe.router, moe_layer.MLPRouter) \
+            and len(x) <= moe_layer.KERNEL_MAX_TOKENS and not torch.is_grad_enabled():
+        idx = kern.mlp_topk(moe._kernel_args(kern), x, moe.top_k)
+        return torch.zeros(len(x), moe.spec["num_experts"], dtype=torch.bool).scatter_(1, idx, True)
+    return moe.route(x)
+
+
 @pytest.mark.parametrize("kind,bias,shared", CASES)
-def test_all_experts_equals_dense(kind, bias, shared):
+def test_all_experts_equals_dense(kind, bias, shared, path):
     f, moe = make_moe(kind, bias, shared)
     x = torch.randn(7, D)
     expected = dense_forward(f, x)
@@ -49,13 +72,40 @@ def test_all_experts_equals_dense(kind, bias, shared):
 
 @pytest.mark.parametrize("kind,bias,shared", CASES)
 @pytest.mark.parametrize("tau", [None, 0.5])
-def test_fast_paths_match_reference(kind, bias, shared, tau):
-    _, moe = make_moe(kind, bias, shared, tau=tau)
+@pytest.mark.parametrize("router", ["mlp", "similarity", "representative"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fast_paths_match_reference(kind, bias, shared, tau, router, threads, path):
+    _, moe = make_moe(kind, bias, shared, tau=tau, router=router)
+    if router != "mlp":
+        torch.nn.init.normal_(next(moe.router.parameters()))
     x = torch.randn(3, 5, D)
-    expected = moe.forward_reference(x)
-    torch.testing.assert_close(moe(x), expected, atol=1e-5, rtol=1e-5)  # grouped path
-    for t in range(5):  # one token at a time: the gather (decode) path
-        torch.testing.assert_close(moe(x[:1, t:t + 1]), expected[:1, t:t + 1], atol=1e-5, rtol=1e-5)
+    expected = moe.forward_reference(x, selection(moe, x))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        # Outputs reach ~100 with these random weights: a few fp32 ulps of summation order.
+        torch.testing.assert_close(moe(x), expected, atol=1e-4, rtol=1e-5)  # many tokens (grouped)
+        for t in range(5):  # one token at a time: the decode path
+            one = x[:1, t:t + 1]
+            torch.testing.assert_close(moe(one), moe.forward_reference(one, selection(moe, one)), atol=1e-4, rtol=1e-5)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_kernel_router_ranks_like_torch(path):
+    if path == "torch":
+        pytest.skip("kernel-only")
+    _, moe = make_moe(E=8, top_k=3)
+    x = torch.randn(20, D)
+    kern = moe_layer._kernels()
+    idx = kern.mlp_topk(moe._kernel_args(kern), x, 3)
+    assert idx.sort(1).values.tolist() == moe.router(x).topk(3, dim=-1).indices.sort(1).values.tolist()
+
+
+def test_long_inputs_take_the_grouped_torch_path(path):
+    _, moe = make_moe(tau=0.5)
+    x = torch.randn(moe_layer.KERNEL_MAX_TOKENS + 5, D)
+    torch.testing.assert_close(moe(x), moe.forward_reference(x), atol=1e-4, rtol=1e-5)
 
 
 def test_moe_output_differs_from_dense_when_sparse():
@@ -64,11 +114,12 @@ def test_moe_output_differs_from_dense_when_sparse():
     assert not torch.allclose(moe(x), dense_forward(f, x), atol=1e-3)
 
 
-def test_only_selected_experts_are_read():
-    """Zeroing the weights of experts a token did not select must not change its output."""
-    _, moe = make_moe(top_k=2)
+@pytest.mark.parametrize("tau", [None, 0.5])
+def test_only_selected_experts_are_read(tau, path):
+    """Poisoning the weights of experts no token selected must not change any output."""
+    _, moe = make_moe(top_k=2, tau=tau)
     x = torch.randn(4, D)
-    mask = moe.route(x)
+    mask = selection(moe, x)
     before = moe(x)
     unused = ~mask.any(0)
     assert unused.any()
@@ -97,7 +148,7 @@ def test_top_k_for_share_respects_budget():
             assert moe.flops_per_token(k + 1) > active * moe.dense_flops_per_token()
 
 
-def test_counters_measure_mean_k():
+def test_counters_measure_mean_k(path):
     _, moe = make_moe(tau=0.3)
     x = torch.randn(10, D)
     mask = moe.route(x)

@@ -1,0 +1,48 @@
+"""FFN-stack time of the compiled kernels (moefy.kernels) vs the torch paths, by tokens per call.
+
+Decides MoEFFN's KERNEL_MAX_TOKENS and shows where each path wins. Each row is one bench_ffn
+run (dense and MoE interleaved in one process, router included, 1 thread):
+
+    python benchmarks/kernel_paths.py runs/smol-384 --active 0.5 0.25 --tokens 1 8 64 256 2048
+"""
+import argparse
+import json
+
+import torch
+
+import moefy
+from moefy import moe_layer
+from moefy.bench import bench_ffn, environment
+
+p = argparse.ArgumentParser()
+p.add_argument("run")
+p.add_argument("--active", type=float, nargs="+", default=[0.5, 0.25])
+p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 256, 2048])
+p.add_argument("--threads", type=int, default=1)
+p.add_argument("--out")
+args = p.parse_args()
+torch.set_num_threads(args.threads)
+m = moefy.load(args.run)
+blocks = moefy.data.blocks("wiki-sample:heldout", m.tokenizer, seq_len=256, max_tokens=2048)
+with m.all_experts():
+    inputs = m.layer_inputs(blocks)
+kernels = moe_layer._kernels()
+rows = []
+for active in args.active:
+    m.set_active(active)
+    for tokens in args.tokens:
+        layers = None if tokens <= 64 else 4  # big calls: 4 layers are already far above the cache
+        iters = 20 if tokens <= 64 else 3
+        for path in ("kernels", "torch"):
+            moe_layer._KERNELS = kernels if path == "kernels" else None
+            limit = moe_layer.KERNEL_MAX_TOKENS
+            moe_layer.KERNEL_MAX_TOKENS = 1 << 30 if path == "kernels" else 0
+            r = bench_ffn(m, inputs, tokens, layers, warmup=3, iters=iters, rounds=3)
+            moe_layer.KERNEL_MAX_TOKENS = limit
+            row = dict(active=active, tokens=tokens, path=path, layers=r["layers"], dense_ms=r["dense_ms"],
+                       moe_ms=r["moe_ms"], ratio=r["ratio"], router_ms=r["router_ms"], mean_k=r["mean_k"])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+moe_layer._KERNELS = kernels
+if args.out:
+    moefy.io.write_json(args.out, {"run": args.run, "environment": environment(args.threads), "rows": rows})

@@ -1,0 +1,154 @@
+"""CPU kernels for the MoE FFN's sparse paths (experts.cpp), built on first use.
+
+The C++ source is compiled once per machine with the system compiler (g++ -O3 -march=native
+-fopenmp) into a cache folder ($MOEFY_CACHE, default ~/.cache/moefy) keyed by the source, the
+flags and the CPU, and called through ctypes on the tensors' memory; torch owns every buffer.
+Without a compiler, or with MOEFY_KERNELS=0, `load()` returns None and MoEFFN uses its
+torch-only paths (same results up to float rounding).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("experts.cpp")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+ACT_CODES = {"silu": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3}
+
+_lib: Kernels | None | bool = False  # False: not tried yet
+
+
+def load() -> "Kernels | None":
+    """The compiled kernels, building them if needed; None when they cannot be had here."""
+    global _lib
+    if _lib is False:
+        _lib = None
+        if os.environ.get("MOEFY_KERNELS", "1") != "0":
+            try:
+                _lib = Kernels(ctypes.CDLL(str(_build())))
+            except (OSError, subprocess.CalledProcessError, FileNotFoundError) as exc:
+                warnings.warn(f"moefy: CPU kernels unavailable ({str(exc).splitlines()[0]}); "
+                              "using the slower torch paths", RuntimeWarning, stacklevel=2)
+    return _lib
+
+
+def _cpu_id() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    import platform
+    return platform.processor() + platform.machine()
+
+
+def _build() -> Path:
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        raise FileNotFoundError("no C++ compiler (g++) found")
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS]).encode() + _cpu_id().encode())
+    cache = Path(os.environ.get("MOEFY_CACHE", Path.home() / ".cache" / "moefy")) / "kernels"
+    target = cache / f"moefy_kernels-{key.hexdigest()[:16]}.so"
+    if not target.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so")
+        os.close(fd)
+        try:
+            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True)
+            os.replace(tmp, target)  # atomic: concurrent builders each install a complete file
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return target
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+class Kernels:
+    def __init__(self, lib: ctypes.CDLL):
+        i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+        self._experts = lib.moefy_experts
+        self._experts.argtypes = [i64, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr,
+                                  c_int, ptr, c_int]
+        self._experts.restype = None
+        self._mlp_topk = lib.moefy_mlp_topk
+        self._mlp_topk.argtypes = [i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, c_int]
+        self._mlp_topk.restype = None
+        self._mlp_moe = lib.moefy_mlp_moe
+        self._mlp_moe.argtypes = [i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, i64,
+                                  ptr, ptr, ptr, ptr, c_int, ptr, c_int]
+        self._mlp_moe.restype = None
+        self.weights_key = weights_key
+
+    @staticmethod
+    def prepare(layer) -> "LayerArgs | None":
+        """The raw arguments for an MoEFFN's weights, or None when the kernels cannot run it
+        (not fp32, not contiguous, not on the CPU)."""
+        tensors = [p for p in layer.parameters()]
+        if any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
+            return None
+        return LayerArgs(layer)
+
+    def experts(self, args: "LayerArgs", x: torch.Tensor, experts: torch.Tensor,
+                offsets: torch.Tensor | None = None) -> torch.Tensor:
+        """The routed experts plus the shared neurons, for x [T, D] (contiguous fp32); b_out is
+        not added. Token t uses experts[offsets[t]:offsets[t+1]] (flat), or without offsets the
+        row experts[t] of a [T, K] tensor."""
+        y = torch.empty_like(x)
+        K = experts.shape[1] if offsets is None else 0
+        self._experts(x.shape[0], *args.experts_head, x.data_ptr(), _ptr(offsets), K, experts.data_ptr(),
+                      *args.experts_tail, y.data_ptr(), torch.get_num_threads())
+        return y
+
+    def mlp_moe(self, args: "LayerArgs", x: torch.Tensor, k: int) -> torch.Tensor:
+        """The whole layer with its MLP router and fixed top-k, in one call (b_out not added)."""
+        y = torch.empty_like(x)
+        self._mlp_moe(x.shape[0], *args.router, k, x.data_ptr(), *args.router_weights, args.experts_head[1],
+                      *args.experts_tail, y.data_ptr(), torch.get_num_threads())
+        return y
+
+    def mlp_topk(self, args: "LayerArgs", x: torch.Tensor, k: int) -> torch.Tensor:
+        """Top-k experts [T, K] of the layer's MLPRouter (gelu MLP) for x [T, D], unordered."""
+        idx = torch.empty(x.shape[0], k, dtype=torch.int64)
+        self._mlp_topk(x.shape[0], *args.router, k, x.data_ptr(), *args.router_weights, idx.data_ptr(),
+                       torch.get_num_threads())
+        return idx
+
+
+class LayerArgs:
+    """An MoEFFN's weight pointers, gathered once (attribute access costs microseconds per call).
+    Holds references to the tensors, so the memory stays valid while the arguments live; `key`
+    (the weights' data pointers) tells the layer when its weights were replaced."""
+
+    def __init__(self, layer):
+        self.tensors = list(layer.parameters())
+        self.key = weights_key(layer)
+        D, n = layer.w_in.shape[2], layer.w_in.shape[1]
+        self.experts_head = (D, n)
+        self.experts_tail = (_ptr(layer.w_in), _ptr(layer.w_up), _ptr(layer.b_in), _ptr(layer.w_out),
+                             layer.spec["shared"], _ptr(layer.shared_in), _ptr(layer.shared_up),
+                             _ptr(layer.shared_b_in), _ptr(layer.shared_out), ACT_CODES[layer.act])
+        r = layer.router
+        if hasattr(r, "fc1") and hasattr(r, "fc2"):
+            self.router = (D, r.fc1.out_features, r.fc2.out_features)
+            self.router_weights = (_ptr(r.fc1.weight), _ptr(r.fc1.bias), _ptr(r.fc2.weight), _ptr(r.fc2.bias))
+
+
+def weights_key(layer) -> tuple:
+    """Data pointers of a layer's own and its router's parameters, read without nn.Module's
+    attribute lookup (a few microseconds for a whole layer)."""
+    router = layer._modules["router"]
+    return tuple(p.data_ptr() for m in (layer, router, *router._modules.values())
+                 for p in m._parameters.values() if p is not None)

@@ -1,0 +1,252 @@
+// moefy CPU kernels: run only the selected experts of an MoEFFN, reading only their bytes.
+//
+// Compiled on first use by moefy/kernels/__init__.py (g++ -O3 -march=native -fopenmp) and
+// called through ctypes with raw pointers of contiguous fp32 tensors; torch stays the owner of
+// all memory. Shapes (as in moe_layer.py): T tokens, D hidden, E experts of n neurons,
+// S shared neurons, K experts per token, H router hidden width.
+//
+// Routed experts are given per token in CSR form: token t uses experts[off[t] .. off[t+1]).
+// The work is expert-major, so each selected expert's rows are read once per call however many
+// tokens chose it: phase 1 computes the hidden activations of every (token, expert) pair, phase
+// 2 accumulates the down projection token by token.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#include <omp.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+enum Act { SILU = 0, RELU = 1, GELU = 2, GELU_TANH = 3 };
+
+inline float activate(float v, int act) {
+  switch (act) {
+    case SILU: return v / (1.0f + std::exp(-v));
+    case RELU: return v > 0.0f ? v : 0.0f;
+    case GELU: return 0.5f * v * (1.0f + std::erf(v * 0.70710678118654752f));
+    default: {
+      const float c = 0.7978845608028654f;  // sqrt(2 / pi)
+      return 0.5f * v * (1.0f + std::tanh(c * (v + 0.044715f * v * v * v)));
+    }
+  }
+}
+
+// out[j] = <x, w[j]> for j < R: one pass over x feeds R independent accumulators, so the loop
+// runs at load throughput instead of waiting on one FMA chain.
+template <int R>
+inline void dots(const float* __restrict x, const float* const* w, int64_t D, float* out) {
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 acc[R];
+  for (int j = 0; j < R; ++j) acc[j] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= D; i += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + i);
+    for (int j = 0; j < R; ++j) acc[j] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w[j] + i), acc[j]);
+  }
+  for (int j = 0; j < R; ++j) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[j]), _mm256_extractf128_ps(acc[j], 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    float v = _mm_cvtss_f32(s);
+    for (int64_t k = i; k < D; ++k) v += x[k] * w[j][k];
+    out[j] = v;
+  }
+#else
+  for (int j = 0; j < R; ++j) {
+    float v = 0.0f;
+    for (int64_t k = 0; k < D; ++k) v += x[k] * w[j][k];
+    out[j] = v;
+  }
+#endif
+}
+
+// out[j] = <x, w + j*D> for `rows` consecutive rows, eight at a time.
+inline void dot_rows(const float* x, const float* w, int64_t rows, int64_t D, float* out) {
+  const float* p[8];
+  int64_t r = 0;
+  for (; r + 8 <= rows; r += 8) {
+    for (int j = 0; j < 8; ++j) p[j] = w + (r + j) * D;
+    dots<8>(x, p, D, out + r);
+  }
+  for (; r < rows; ++r) {
+    p[0] = w + r * D;
+    dots<1>(x, p, D, out + r);
+  }
+}
+
+// Hidden activations of `rows` consecutive neurons for one token: h[r] = act(w_in[r].x + b[r]) * (w_up[r].x).
+// Gate and up rows are read in the same pass (4 + 4 rows per sweep of x).
+inline void hidden_rows(const float* x, const float* w_in, const float* w_up, const float* b_in,
+                        int64_t rows, int64_t D, int act, float* h) {
+  float g[8];
+  const float* p[8];
+  for (int64_t r0 = 0; r0 < rows; r0 += w_up ? 4 : 8) {
+    const int64_t m = std::min<int64_t>(w_up ? 4 : 8, rows - r0);
+    if (w_up && m == 4) {
+      for (int j = 0; j < 4; ++j) {
+        p[j] = w_in + (r0 + j) * D;
+        p[4 + j] = w_up + (r0 + j) * D;
+      }
+      dots<8>(x, p, D, g);
+    } else if (!w_up && m == 8) {
+      for (int j = 0; j < 8; ++j) p[j] = w_in + (r0 + j) * D;
+      dots<8>(x, p, D, g);
+    } else {
+      dot_rows(x, w_in + r0 * D, m, D, g);
+      if (w_up) dot_rows(x, w_up + r0 * D, m, D, g + 4);
+    }
+    for (int64_t j = 0; j < m; ++j) {
+      float v = g[j] + (b_in ? b_in[r0 + j] : 0.0f);
+      h[r0 + j] = activate(v, act) * (w_up ? g[4 + j] : 1.0f);
+    }
+  }
+}
+
+// y[lo:hi] = sum_j h[j] * rows[j][lo:hi], 64 columns at a time held in registers.
+inline void down_rows(const float* h, const float* const* rows, int64_t count, int64_t lo, int64_t hi,
+                      float* __restrict y) {
+  int64_t c = lo;
+#if defined(__AVX2__) && defined(__FMA__)
+  for (; c + 64 <= hi; c += 64) {
+    __m256 acc[8];
+    for (int q = 0; q < 8; ++q) acc[q] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < count; ++j) {
+      const __m256 hv = _mm256_set1_ps(h[j]);
+      const float* r = rows[j] + c;
+      for (int q = 0; q < 8; ++q) acc[q] = _mm256_fmadd_ps(hv, _mm256_loadu_ps(r + 8 * q), acc[q]);
+    }
+    for (int q = 0; q < 8; ++q) _mm256_storeu_ps(y + c + 8 * q, acc[q]);
+  }
+#endif
+  for (; c < hi; ++c) {
+    float v = 0.0f;
+    for (int64_t j = 0; j < count; ++j) v += h[j] * rows[j][c];
+    y[c] = v;
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// y[T, D] = routed experts + shared neurons (S may be 0); y is overwritten. Token t uses
+// experts[off[t] .. off[t+1]), or with off null the fixed K experts experts[t*K .. (t+1)*K).
+// w_up / b_in / s_up / s_b may be null. threads: how many OpenMP threads to use.
+void moefy_experts(int64_t T, int64_t D, int64_t n, const float* x, const int64_t* off_in, int64_t K,
+                   const int64_t* experts, const float* w_in, const float* w_up, const float* b_in,
+                   const float* w_out, int64_t S, const float* s_in, const float* s_up, const float* s_b,
+                   const float* s_out, int act, float* y, int threads) {
+  std::vector<int64_t> fixed;
+  if (!off_in) {
+    fixed.resize(T + 1);
+    for (int64_t t = 0; t <= T; ++t) fixed[t] = t * K;
+  }
+  const int64_t* off = off_in ? off_in : fixed.data();
+  const int64_t pairs = off[T];
+  const int64_t E_row = n * D;
+  // Counting sort of (token, expert) pairs by expert: which pairs each used expert serves.
+  int64_t E = 0;
+  for (int64_t p = 0; p < pairs; ++p) E = std::max(E, experts[p] + 1);
+  std::vector<int64_t> start(E + 1, 0), by_expert(pairs), pair_token(pairs);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t p = off[t]; p < off[t + 1]; ++p) pair_token[p] = t;
+  for (int64_t p = 0; p < pairs; ++p) ++start[experts[p] + 1];
+  for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
+  {
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t p = 0; p < pairs; ++p) by_expert[fill[experts[p]]++] = p;
+  }
+  std::vector<int64_t> used;
+  for (int64_t e = 0; e < E; ++e)
+    if (start[e + 1] > start[e]) used.push_back(e);
+  const int64_t U = (int64_t)used.size();
+
+  std::vector<float> h((size_t)pairs * n), hs((size_t)T * S);
+  // Phase 1: hidden activations, expert-major (each expert's rows read once), shared rows last.
+  const int64_t shared_chunks = S ? (S + 15) / 16 : 0;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int64_t j = 0; j < U + shared_chunks; ++j) {
+    if (j < U) {
+      const int64_t e = used[j];
+      for (int64_t q = start[e]; q < start[e + 1]; ++q) {
+        const int64_t p = by_expert[q];
+        hidden_rows(x + pair_token[p] * D, w_in + e * E_row, w_up ? w_up + e * E_row : nullptr,
+                    b_in ? b_in + e * n : nullptr, n, D, act, h.data() + p * n);
+      }
+    } else {
+      const int64_t r0 = (j - U) * 16, rows = std::min<int64_t>(16, S - r0);
+      std::vector<float> tmp(rows);
+      for (int64_t t = 0; t < T; ++t) {
+        hidden_rows(x + t * D, s_in + r0 * D, s_up ? s_up + r0 * D : nullptr, s_b ? s_b + r0 : nullptr,
+                    rows, D, act, tmp.data());
+        std::memcpy(hs.data() + t * S + r0, tmp.data(), rows * sizeof(float));
+      }
+    }
+  }
+  // Phase 2: the down projection, token by token, as one list of (activation, row) per token;
+  // with fewer tokens than threads the hidden dimension is split so every thread has work.
+  const int64_t splits = T >= threads ? 1 : std::max<int64_t>(1, std::min<int64_t>(threads, D / 64));
+  const int64_t width = ((D + splits - 1) / splits + 63) / 64 * 64;
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<const float*> rows;
+    std::vector<float> hv;
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t s = 0; s < splits; ++s) {
+        rows.clear();
+        hv.clear();
+        for (int64_t r = 0; r < S; ++r) {
+          rows.push_back(s_out + r * D);
+          hv.push_back(hs[t * S + r]);
+        }
+        for (int64_t p = off[t]; p < off[t + 1]; ++p)
+          for (int64_t r = 0; r < n; ++r) {
+            rows.push_back(w_out + experts[p] * E_row + r * D);
+            hv.push_back(h[p * n + r]);
+          }
+        const int64_t lo = std::min(D, s * width), hi = std::min(D, lo + width);
+        if (lo < hi) down_rows(hv.data(), rows.data(), (int64_t)rows.size(), lo, hi, y + t * D);
+      }
+    }
+  }
+}
+
+// MLP router (fc2(gelu(fc1(x)))) and top-k per token: idx[T, K] gets each token's K experts with
+// the largest logits (unordered). The output transforms of MLPRouter are monotone, so top-k of the
+// logits is top-k of the scores.
+void moefy_mlp_topk(int64_t T, int64_t D, int64_t H, int64_t E, int64_t K, const float* x, const float* w1,
+                    const float* b1, const float* w2, const float* b2, int64_t* idx, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (T > 1)
+  for (int64_t t = 0; t < T; ++t) {
+    std::vector<float> z(H), logit(E);
+    const float* xt = x + t * D;
+    dot_rows(xt, w1, H, D, z.data());
+    for (int64_t j = 0; j < H; ++j) z[j] = activate(z[j] + b1[j], GELU);
+    dot_rows(z.data(), w2, E, H, logit.data());
+    for (int64_t e = 0; e < E; ++e) logit[e] += b2[e];
+    std::vector<int64_t> order(E);
+    for (int64_t e = 0; e < E; ++e) order[e] = e;
+    std::nth_element(order.begin(), order.begin() + (K - 1), order.end(),
+                     [&](int64_t a, int64_t b) { return logit[a] > logit[b] || (logit[a] == logit[b] && a < b); });
+    std::copy(order.begin(), order.begin() + K, idx + t * K);
+  }
+}
+
+// The whole layer for an MLP router with fixed top-k: route, then the selected experts.
+void moefy_mlp_moe(int64_t T, int64_t D, int64_t H, int64_t E, int64_t K, const float* x, const float* w1,
+                   const float* b1, const float* w2, const float* b2, int64_t n, const float* w_in,
+                   const float* w_up, const float* b_in, const float* w_out, int64_t S, const float* s_in,
+                   const float* s_up, const float* s_b, const float* s_out, int act, float* y, int threads) {
+  std::vector<int64_t> idx(T * K);
+  moefy_mlp_topk(T, D, H, E, K, x, w1, b1, w2, b2, idx.data(), threads);
+  moefy_experts(T, D, n, x, nullptr, K, idx.data(), w_in, w_up, b_in, w_out, S, s_in, s_up, s_b, s_out, act, y,
+                threads);
+}
+
+}  // extern "C"

@@ -19,6 +19,7 @@ p.add_argument("run")
 p.add_argument("--active", type=float, nargs="+", default=[0.5, 0.25])
 p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 256, 2048])
 p.add_argument("--threads", type=int, default=1)
+p.add_argument("--paths", nargs="+", default=["kernels", "torch"], choices=["kernels", "torch"])
 p.add_argument("--out")
 args = p.parse_args()
 torch.set_num_threads(args.threads)
@@ -33,7 +34,7 @@ for active in args.active:
     for tokens in args.tokens:
         layers = None if tokens <= 64 else 4  # big calls: 4 layers are already far above the cache
         iters = 20 if tokens <= 64 else 3
-        for path in ("kernels", "torch"):
+        for path in args.paths:
             moe_layer._KERNELS = kernels if path == "kernels" else None
             limit = moe_layer.KERNEL_MAX_TOKENS
             moe_layer.KERNEL_MAX_TOKENS = 1 << 30 if path == "kernels" else 0

@@ -127,7 +127,11 @@ def select_experts(scores: torch.Tensor, top_k: int | None, tau: float | None) -
 # The compiled CPU kernels (moefy.kernels) when moefy is installed; without them (a saved folder
 # loaded by plain transformers) the torch paths below give the same results up to rounding.
 
-KERNEL_MAX_TOKENS = 64  # above this many tokens per call the grouped torch path is faster (BENCHMARKS.md)
+# Tokens per call up to which the kernels run the router and shared neurons too (above it torch's
+# GEMM is faster for those dense products), and up to which the kernels run at all; both measured
+# with benchmarks/kernel_paths.py (BENCHMARKS.md).
+KERNEL_FUSED_MAX_TOKENS = 16
+KERNEL_MAX_TOKENS = 1 << 20
 _KERNELS: object = False
 
 
@@ -296,18 +300,24 @@ class MoEFFN(nn.Module):
         return cached
 
     def _sparse_kernel(self, kern, args, x):
-        """The compiled path (moefy.kernels): router, selected experts and shared neurons."""
+        """The compiled path (moefy.kernels) for the routed experts. Few tokens: router, top-k,
+        experts and shared neurons in one call. Many tokens: the router's and the shared
+        neurons' dense products go to torch's GEMM, which is faster there."""
         T = x.shape[0]
         self.tokens_seen += T
+        few = T <= KERNEL_FUSED_MAX_TOKENS
         if self.tau is None:
             self.experts_selected += T * self.top_k
-            if self._mlp_router and not self.oracle:
+            if few and self._mlp_router and not self.oracle:
                 return kern.mlp_moe(args, x, self.top_k)
-            return kern.experts(args, x, self._scores(x).topk(self.top_k, dim=-1).indices)
-        mask = select_experts(self._scores(x), self.top_k, self.tau)
-        experts = mask.nonzero()[:, 1].contiguous()
-        self.experts_selected += len(experts)
-        return kern.experts(args, x, experts, F.pad(mask.sum(1).cumsum(0), (1, 0)))
+            scores = self.router.logits(x) if self._mlp_router and not self.oracle else self._scores(x)
+            y = kern.experts(args, x, kern.topk(scores, self.top_k), shared=few)
+        else:
+            mask = select_experts(self._scores(x), self.top_k, self.tau)
+            experts = mask.nonzero()[:, 1].contiguous()
+            self.experts_selected += len(experts)
+            y = kern.experts(args, x, experts, F.pad(mask.sum(1).cumsum(0), (1, 0)), shared=few)
+        return y if few or self.shared_in is None else y + self._shared(x)
 
     def _hidden(self, x, w_in, w_up, b_in):
         h = ACTIVATIONS[self.act](F.linear(x, w_in, b_in))

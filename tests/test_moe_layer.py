@@ -47,14 +47,17 @@ def path(request, monkeypatch):
 
 
 def selection(moe, x):
-    """The experts the layer will use for x: the kernels rank the MLP router's logits in C++."""
+    """The experts the layer will use for x, by the same rule as its forward: the kernels rank
+    scores in C++ (ties may break differently from torch.topk)."""
     x = x.reshape(-1, D)
     kern = moe_layer._kernels()
-    if kern is not None and moe.tau is None and isinstance(moe.router, moe_layer.MLPRouter) \
-            and len(x) <= moe_layer.KERNEL_MAX_TOKENS and not torch.is_grad_enabled():
+    if kern is None or torch.is_grad_enabled() or moe.tau is not None or len(x) > moe_layer.KERNEL_MAX_TOKENS:
+        return moe.route(x)
+    if moe._mlp_router and len(x) <= moe_layer.KERNEL_FUSED_MAX_TOKENS:
         idx = kern.mlp_topk(moe._kernel_args(kern), x, moe.top_k)
-        return torch.zeros(len(x), moe.spec["num_experts"], dtype=torch.bool).scatter_(1, idx, True)
-    return moe.route(x)
+    else:
+        idx = kern.topk(moe.router.logits(x) if moe._mlp_router else moe.router(x), moe.top_k)
+    return torch.zeros(len(x), moe.spec["num_experts"], dtype=torch.bool).scatter_(1, idx, True)
 
 
 @pytest.mark.parametrize("kind,bias,shared", CASES)
@@ -77,8 +80,9 @@ def test_all_experts_equals_dense(kind, bias, shared, path):
 def test_fast_paths_match_reference(kind, bias, shared, tau, router, threads, path):
     _, moe = make_moe(kind, bias, shared, tau=tau, router=router)
     if router != "mlp":
-        torch.nn.init.normal_(next(moe.router.parameters()))
-    x = torch.randn(3, 5, D)
+        for p in moe.router.parameters():
+            torch.nn.init.normal_(p)
+    x = torch.randn(4, 5, D)  # 20 tokens: past the fused kernel's limit
     expected = moe.forward_reference(x, selection(moe, x))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -102,9 +106,26 @@ def test_kernel_router_ranks_like_torch(path):
     assert idx.sort(1).values.tolist() == moe.router(x).topk(3, dim=-1).indices.sort(1).values.tolist()
 
 
-def test_long_inputs_take_the_grouped_torch_path(path):
+@pytest.mark.parametrize("kind,shared", [("swiglu", 10), ("mlp", 0)])
+def test_kernels_on_wide_layers(kind, shared, path):
+    """Hidden sizes past the kernels' 64-column register blocks, with a ragged tail."""
+    g = torch.Generator().manual_seed(2)
+    d, i = 136, 90
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    f = DenseFFN(kind, "silu" if kind == "swiglu" else "gelu", r(i, d), r(i, d) if kind == "swiglu" else None,
+                 None if kind == "swiglu" else r(i), r(i, d) / 5, None)
+    moe = MoEFFN.from_dense(f, torch.arange(shared), torch.arange(shared, i).view(-1, 4 if shared else 5),
+                            {"kind": "similarity"}, top_k=3)
+    torch.nn.init.normal_(moe.router.centres)
+    x = torch.randn(6, d, generator=g)
+    for tokens in (x, x[:1]):
+        torch.testing.assert_close(moe(tokens), moe.forward_reference(tokens), atol=1e-4, rtol=1e-5)
+
+
+def test_long_inputs_take_the_grouped_torch_path(path, monkeypatch):
+    monkeypatch.setattr(moe_layer, "KERNEL_MAX_TOKENS", 4)
     _, moe = make_moe(tau=0.5)
-    x = torch.randn(moe_layer.KERNEL_MAX_TOKENS + 5, D)
+    x = torch.randn(9, D)
     torch.testing.assert_close(moe(x), moe.forward_reference(x), atol=1e-4, rtol=1e-5)
 
 

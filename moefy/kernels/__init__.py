@@ -90,6 +90,9 @@ class Kernels:
         self._mlp_moe.argtypes = [i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, i64,
                                   ptr, ptr, ptr, ptr, c_int, ptr, c_int]
         self._mlp_moe.restype = None
+        self._topk = lib.moefy_topk
+        self._topk.argtypes = [i64, i64, i64, ptr, ptr, c_int]
+        self._topk.restype = None
         self.weights_key = weights_key
 
     @staticmethod
@@ -102,15 +105,23 @@ class Kernels:
         return LayerArgs(layer)
 
     def experts(self, args: "LayerArgs", x: torch.Tensor, experts: torch.Tensor,
-                offsets: torch.Tensor | None = None) -> torch.Tensor:
-        """The routed experts plus the shared neurons, for x [T, D] (contiguous fp32); b_out is
-        not added. Token t uses experts[offsets[t]:offsets[t+1]] (flat), or without offsets the
-        row experts[t] of a [T, K] tensor."""
+                offsets: torch.Tensor | None = None, shared: bool = True) -> torch.Tensor:
+        """The routed experts plus (unless shared=False) the shared neurons, for x [T, D]
+        (contiguous fp32); b_out is not added. Token t uses experts[offsets[t]:offsets[t+1]]
+        (flat), or without offsets the row experts[t] of a [T, K] tensor."""
         y = torch.empty_like(x)
         K = experts.shape[1] if offsets is None else 0
+        tail = args.experts_tail if shared else args.experts_tail_routed
         self._experts(x.shape[0], *args.experts_head, x.data_ptr(), _ptr(offsets), K, experts.data_ptr(),
-                      *args.experts_tail, y.data_ptr(), torch.get_num_threads())
+                      *tail, y.data_ptr(), torch.get_num_threads())
         return y
+
+    def topk(self, scores: torch.Tensor, k: int) -> torch.Tensor:
+        """Indices [T, K] of each row's k largest scores (unordered); faster than torch.topk."""
+        scores = scores.contiguous()
+        idx = torch.empty(scores.shape[0], k, dtype=torch.int64)
+        self._topk(scores.shape[0], scores.shape[1], k, scores.data_ptr(), idx.data_ptr(), torch.get_num_threads())
+        return idx
 
     def mlp_moe(self, args: "LayerArgs", x: torch.Tensor, k: int) -> torch.Tensor:
         """The whole layer with its MLP router and fixed top-k, in one call (b_out not added)."""
@@ -140,6 +151,7 @@ class LayerArgs:
         self.experts_tail = (_ptr(layer.w_in), _ptr(layer.w_up), _ptr(layer.b_in), _ptr(layer.w_out),
                              layer.spec["shared"], _ptr(layer.shared_in), _ptr(layer.shared_up),
                              _ptr(layer.shared_b_in), _ptr(layer.shared_out), ACT_CODES[layer.act])
+        self.experts_tail_routed = (*self.experts_tail[:4], 0, None, None, None, None, self.experts_tail[-1])
         r = layer.router
         if hasattr(r, "fc1") and hasattr(r, "fc2"):
             self.router = (D, r.fc1.out_features, r.fc2.out_features)

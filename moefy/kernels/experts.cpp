@@ -107,6 +107,24 @@ inline void hidden_rows(const float* x, const float* w_in, const float* w_up, co
   }
 }
 
+// y[lo:hi] += sum_r h[r] * w[r, lo:hi] for `rows` consecutive rows, four at a time.
+inline void axpy_rows(const float* h, const float* w, int64_t rows, int64_t D, int64_t lo, int64_t hi,
+                      float* __restrict y) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    const float *a = w + r * D, *b = a + D, *c = b + D, *d = c + D;
+    const float ha = h[r], hb = h[r + 1], hc = h[r + 2], hd = h[r + 3];
+#pragma omp simd
+    for (int64_t i = lo; i < hi; ++i) y[i] += ha * a[i] + hb * b[i] + hc * c[i] + hd * d[i];
+  }
+  for (; r < rows; ++r) {
+    const float* a = w + r * D;
+    const float ha = h[r];
+#pragma omp simd
+    for (int64_t i = lo; i < hi; ++i) y[i] += ha * a[i];
+  }
+}
+
 // y[lo:hi] = sum_j h[j] * rows[j][lo:hi], 64 columns at a time held in registers.
 inline void down_rows(const float* h, const float* const* rows, int64_t count, int64_t lo, int64_t hi,
                       float* __restrict y) {
@@ -188,32 +206,48 @@ void moefy_experts(int64_t T, int64_t D, int64_t n, const float* x, const int64_
       }
     }
   }
-  // Phase 2: the down projection, token by token, as one list of (activation, row) per token;
-  // with fewer tokens than threads the hidden dimension is split so every thread has work.
-  const int64_t splits = T >= threads ? 1 : std::max<int64_t>(1, std::min<int64_t>(threads, D / 64));
-  const int64_t width = ((D + splits - 1) / splits + 63) / 64 * 64;
-#pragma omp parallel num_threads(threads)
-  {
+  if (T == 1) {
+    // Phase 2, one token: every selected row's contribution summed in registers, 64 columns at a
+    // time (the hidden dimension split across threads).
+    const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, D / 64));
+    const int64_t width = ((D + parts - 1) / parts + 63) / 64 * 64;
     std::vector<const float*> rows;
     std::vector<float> hv;
-#pragma omp for collapse(2) schedule(static)
-    for (int64_t t = 0; t < T; ++t) {
-      for (int64_t s = 0; s < splits; ++s) {
-        rows.clear();
-        hv.clear();
-        for (int64_t r = 0; r < S; ++r) {
-          rows.push_back(s_out + r * D);
-          hv.push_back(hs[t * S + r]);
-        }
-        for (int64_t p = off[t]; p < off[t + 1]; ++p)
-          for (int64_t r = 0; r < n; ++r) {
-            rows.push_back(w_out + experts[p] * E_row + r * D);
-            hv.push_back(h[p * n + r]);
-          }
-        const int64_t lo = std::min(D, s * width), hi = std::min(D, lo + width);
-        if (lo < hi) down_rows(hv.data(), rows.data(), (int64_t)rows.size(), lo, hi, y + t * D);
-      }
+    for (int64_t r = 0; r < S; ++r) {
+      rows.push_back(s_out + r * D);
+      hv.push_back(hs[r]);
     }
+    for (int64_t p = 0; p < pairs; ++p)
+      for (int64_t r = 0; r < n; ++r) {
+        rows.push_back(w_out + experts[p] * E_row + r * D);
+        hv.push_back(h[p * n + r]);
+      }
+#pragma omp parallel for schedule(static) num_threads(threads) if (parts > 1)
+    for (int64_t s = 0; s < parts; ++s) {
+      const int64_t lo = std::min(D, s * width), hi = std::min(D, lo + width);
+      if (lo < hi) down_rows(hv.data(), rows.data(), (int64_t)rows.size(), lo, hi, y);
+    }
+    return;
+  }
+  // Phase 2, many tokens: expert-major like phase 1, so each expert's rows are read once and
+  // reused for all its tokens; each thread owns a range of the hidden dimension.
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, D / 64));
+  const int64_t width = ((D + parts - 1) / parts + 7) / 8 * 8;
+#pragma omp parallel for schedule(static) num_threads(threads) if (parts > 1)
+  for (int64_t s = 0; s < parts; ++s) {
+    const int64_t lo = std::min(D, s * width), hi = std::min(D, lo + width);
+    if (lo >= hi) continue;
+    std::vector<const float*> rows(S);
+    for (int64_t r = 0; r < S; ++r) rows[r] = s_out + r * D;
+    for (int64_t t = 0; t < T; ++t) {
+      if (S) down_rows(hs.data() + t * S, rows.data(), S, lo, hi, y + t * D);
+      else std::fill(y + t * D + lo, y + t * D + hi, 0.0f);
+    }
+    for (int64_t e : used)
+      for (int64_t q = start[e]; q < start[e + 1]; ++q) {
+        const int64_t p = by_expert[q];
+        axpy_rows(h.data() + p * n, w_out + e * E_row, n, D, lo, hi, y + pair_token[p] * D);
+      }
   }
 }
 
@@ -235,6 +269,22 @@ void moefy_mlp_topk(int64_t T, int64_t D, int64_t H, int64_t E, int64_t K, const
     std::nth_element(order.begin(), order.begin() + (K - 1), order.end(),
                      [&](int64_t a, int64_t b) { return logit[a] > logit[b] || (logit[a] == logit[b] && a < b); });
     std::copy(order.begin(), order.begin() + K, idx + t * K);
+  }
+}
+
+// Top-k per row of scores [T, E] into idx [T, K] (unordered).
+void moefy_topk(int64_t T, int64_t E, int64_t K, const float* scores, int64_t* idx, int threads) {
+#pragma omp parallel num_threads(threads) if (T > 16)
+  {
+    std::vector<int64_t> order(E);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < T; ++t) {
+      const float* s = scores + t * E;
+      for (int64_t e = 0; e < E; ++e) order[e] = e;
+      std::nth_element(order.begin(), order.begin() + (K - 1), order.end(),
+                       [&](int64_t a, int64_t b) { return s[a] > s[b] || (s[a] == s[b] && a < b); });
+      std::copy(order.begin(), order.begin() + K, idx + t * K);
+    }
   }
 }
 

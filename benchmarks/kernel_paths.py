@@ -1,6 +1,6 @@
 """FFN-stack time of the compiled kernels (moefy.kernels) vs the torch paths, by tokens per call.
 
-Decides MoEFFN's KERNEL_MAX_TOKENS and shows where each path wins. Each row is one bench_ffn
+Shows where each path wins (MoEFFN takes the kernels whenever they are available). Each row is one bench_ffn
 run (dense and MoE interleaved in one process, router included, 1 thread):
 
     python benchmarks/kernel_paths.py runs/smol-384 --active 0.5 0.25 --tokens 1 8 64 256 2048
@@ -36,10 +36,7 @@ for active in args.active:
         iters = 20 if tokens <= 64 else 3
         for path in args.paths:
             moe_layer._KERNELS = kernels if path == "kernels" else None
-            limit = moe_layer.KERNEL_MAX_TOKENS
-            moe_layer.KERNEL_MAX_TOKENS = 1 << 30 if path == "kernels" else 0
             r = bench_ffn(m, inputs, tokens, layers, warmup=3, iters=iters, rounds=3)
-            moe_layer.KERNEL_MAX_TOKENS = limit
             row = dict(active=active, tokens=tokens, path=path, layers=r["layers"], dense_ms=r["dense_ms"],
                        moe_ms=r["moe_ms"], ratio=r["ratio"], router_ms=r["router_ms"], mean_k=r["mean_k"])
             rows.append(row)

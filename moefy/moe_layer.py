@@ -127,11 +127,10 @@ def select_experts(scores: torch.Tensor, top_k: int | None, tau: float | None) -
 # The compiled CPU kernels (moefy.kernels) when moefy is installed; without them (a saved folder
 # loaded by plain transformers) the torch paths below give the same results up to rounding.
 
-# Tokens per call up to which the kernels run the router and shared neurons too (above it torch's
-# GEMM is faster for those dense products), and up to which the kernels run at all; both measured
-# with benchmarks/kernel_paths.py (BENCHMARKS.md).
+# Tokens per call up to which the kernels also run the router and the shared neurons; above it
+# torch's GEMM is faster for those dense products. The routed experts always go to the kernels:
+# they beat the torch paths at every size measured (benchmarks/kernel_paths.py, BENCHMARKS.md).
 KERNEL_FUSED_MAX_TOKENS = 16
-KERNEL_MAX_TOKENS = 1 << 20
 _KERNELS: object = False
 
 
@@ -272,7 +271,7 @@ class MoEFFN(nn.Module):
 
     def _sparse(self, x):
         T = x.shape[0]
-        kern = _kernels() if T <= KERNEL_MAX_TOKENS else None
+        kern = _kernels()
         if kern is not None and x.dtype == torch.float32 and x.device.type == "cpu" and not (
                 torch.is_grad_enabled() and (x.requires_grad or self.w_in.requires_grad)):
             args = self._kernel_args(kern)

@@ -51,7 +51,7 @@ def selection(moe, x):
     scores in C++ (ties may break differently from torch.topk)."""
     x = x.reshape(-1, D)
     kern = moe_layer._kernels()
-    if kern is None or torch.is_grad_enabled() or moe.tau is not None or len(x) > moe_layer.KERNEL_MAX_TOKENS:
+    if kern is None or torch.is_grad_enabled() or moe.tau is not None:
         return moe.route(x)
     if moe._mlp_router and len(x) <= moe_layer.KERNEL_FUSED_MAX_TOKENS:
         idx = kern.mlp_topk(moe._kernel_args(kern), x, moe.top_k)
@@ -120,13 +120,6 @@ def test_kernels_on_wide_layers(kind, shared, path):
     x = torch.randn(6, d, generator=g)
     for tokens in (x, x[:1]):
         torch.testing.assert_close(moe(tokens), moe.forward_reference(tokens), atol=1e-4, rtol=1e-5)
-
-
-def test_long_inputs_take_the_grouped_torch_path(path, monkeypatch):
-    monkeypatch.setattr(moe_layer, "KERNEL_MAX_TOKENS", 4)
-    _, moe = make_moe(tau=0.5)
-    x = torch.randn(9, D)
-    torch.testing.assert_close(moe(x), moe.forward_reference(x), atol=1e-4, rtol=1e-5)
 
 
 def test_moe_output_differs_from_dense_when_sparse():

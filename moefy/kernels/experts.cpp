@@ -36,6 +36,15 @@ inline float activate(float v, int act) {
   }
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+inline float hsum(__m256 a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
 // out[j] = <x, w[j]> for j < R: one pass over x feeds R independent accumulators, so the loop
 // runs at load throughput instead of waiting on one FMA chain.
 template <int R>
@@ -49,10 +58,7 @@ inline void dots(const float* __restrict x, const float* const* w, int64_t D, fl
     for (int j = 0; j < R; ++j) acc[j] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w[j] + i), acc[j]);
   }
   for (int j = 0; j < R; ++j) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[j]), _mm256_extractf128_ps(acc[j], 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    float v = _mm_cvtss_f32(s);
+    float v = hsum(acc[j]);
     for (int64_t k = i; k < D; ++k) v += x[k] * w[j][k];
     out[j] = v;
   }
@@ -62,6 +68,36 @@ inline void dots(const float* __restrict x, const float* const* w, int64_t D, fl
     for (int64_t k = 0; k < D; ++k) v += x[k] * w[j][k];
     out[j] = v;
   }
+#endif
+}
+
+// Two tokens against the same R rows: each row chunk loaded once feeds both tokens.
+template <int R>
+inline void dots2(const float* __restrict x0, const float* __restrict x1, const float* const* w, int64_t D,
+                  float* out0, float* out1) {
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 a0[R], a1[R];
+  for (int j = 0; j < R; ++j) a0[j] = a1[j] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= D; i += 8) {
+    const __m256 u = _mm256_loadu_ps(x0 + i), v = _mm256_loadu_ps(x1 + i);
+    for (int j = 0; j < R; ++j) {
+      const __m256 wv = _mm256_loadu_ps(w[j] + i);
+      a0[j] = _mm256_fmadd_ps(u, wv, a0[j]);
+      a1[j] = _mm256_fmadd_ps(v, wv, a1[j]);
+    }
+  }
+  for (int j = 0; j < R; ++j) {
+    out0[j] = hsum(a0[j]);
+    out1[j] = hsum(a1[j]);
+    for (int64_t k = i; k < D; ++k) {
+      out0[j] += x0[k] * w[j][k];
+      out1[j] += x1[k] * w[j][k];
+    }
+  }
+#else
+  dots<R>(x0, w, D, out0);
+  dots<R>(x1, w, D, out1);
 #endif
 }
 
@@ -103,6 +139,26 @@ inline void hidden_rows(const float* x, const float* w_in, const float* w_up, co
     for (int64_t j = 0; j < m; ++j) {
       float v = g[j] + (b_in ? b_in[r0 + j] : 0.0f);
       h[r0 + j] = activate(v, act) * (w_up ? g[4 + j] : 1.0f);
+    }
+  }
+}
+
+// hidden_rows for two tokens at once (rows a multiple of 4): gate then up, 2 tokens x 4 rows.
+inline void hidden_rows2(const float* x0, const float* x1, const float* w_in, const float* w_up,
+                         const float* b_in, int64_t rows, int64_t D, int act, float* h0, float* h1) {
+  float g0[4], g1[4], u0[4] = {1, 1, 1, 1}, u1[4] = {1, 1, 1, 1};
+  const float* p[4];
+  for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+    for (int j = 0; j < 4; ++j) p[j] = w_in + (r0 + j) * D;
+    dots2<4>(x0, x1, p, D, g0, g1);
+    if (w_up) {
+      for (int j = 0; j < 4; ++j) p[j] = w_up + (r0 + j) * D;
+      dots2<4>(x0, x1, p, D, u0, u1);
+    }
+    for (int j = 0; j < 4; ++j) {
+      const float b = b_in ? b_in[r0 + j] : 0.0f;
+      h0[r0 + j] = activate(g0[j] + b, act) * u0[j];
+      h1[r0 + j] = activate(g1[j] + b, act) * u1[j];
     }
   }
 }
@@ -191,10 +247,17 @@ void moefy_experts(int64_t T, int64_t D, int64_t n, const float* x, const int64_
   for (int64_t j = 0; j < U + shared_chunks; ++j) {
     if (j < U) {
       const int64_t e = used[j];
-      for (int64_t q = start[e]; q < start[e + 1]; ++q) {
+      const float *wi = w_in + e * E_row, *wu = w_up ? w_up + e * E_row : nullptr, *b = b_in ? b_in + e * n : nullptr;
+      int64_t q = start[e];
+      if (n % 4 == 0)
+        for (; q + 2 <= start[e + 1]; q += 2) {
+          const int64_t p0 = by_expert[q], p1 = by_expert[q + 1];
+          hidden_rows2(x + pair_token[p0] * D, x + pair_token[p1] * D, wi, wu, b, n, D, act, h.data() + p0 * n,
+                       h.data() + p1 * n);
+        }
+      for (; q < start[e + 1]; ++q) {
         const int64_t p = by_expert[q];
-        hidden_rows(x + pair_token[p] * D, w_in + e * E_row, w_up ? w_up + e * E_row : nullptr,
-                    b_in ? b_in + e * n : nullptr, n, D, act, h.data() + p * n);
+        hidden_rows(x + pair_token[p] * D, wi, wu, b, n, D, act, h.data() + p * n);
       }
     } else {
       const int64_t r0 = (j - U) * 16, rows = std::min<int64_t>(16, S - r0);

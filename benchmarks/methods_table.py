@@ -1,9 +1,7 @@
 """Quality of each expert-construction method x router at several FFN budgets, dense alongside.
 
-Profiles the model once, builds each (method, router, shared, experts) variant once, and
-evaluates it at every --active budget (set_active re-derives each layer's k; grouping and router
-training do not depend on k), so each row equals what `moefy convert ... --active A` gives with the
-same settings (the command is printed beside each row).
+The same engine as `moefy sweep` (moefy/sweep.py: profile once, build each variant once, evaluate
+it at every --active budget), plus the `moefy convert` command that reproduces each row.
 
     python benchmarks/methods_table.py --out benchmarks/results/methods_table.json
 """
@@ -11,17 +9,13 @@ same settings (the command is printed beside each row).
 from __future__ import annotations
 
 import argparse
-import copy
-import json
-import time
 
 import moefy.io
 from moefy import data as data_mod
 from moefy import models
 from moefy.config import DataConfig, MoEConfig
-from moefy.convert import build, calibrate
-from moefy.evaluate import evaluate
 from moefy.io import write_json
+from moefy.sweep import Variant, markdown, sweep
 
 DEFAULT_VARIANTS = ["random:similarity:0:96", "random:mlp:0:96",
                     "param-kmeans:similarity:0:96", "param-kmeans:mlp:0:96",
@@ -46,29 +40,20 @@ def main():
     loaded = models.load(args.model)
     data = DataConfig(source=args.calib, seq_len=args.seq_len, tokens=args.calib_tokens)
     heldout = data_mod.blocks(args.eval_data, loaded.tokenizer, args.seq_len, max_tokens=args.eval_tokens)
-    stats = calibrate(loaded.model, loaded.tokenizer, MoEConfig(method="coactivation"), data)
-    rows = []
-    for variant in args.variant:
-        method, router, shared, experts = variant.split(":")
-        cfg = MoEConfig(method=method, router=router, shared=float(shared), num_experts=int(experts),
-                        active=max(args.active), router_loss=args.router_loss)
-        start = time.time()
-        m = build(copy.deepcopy(loaded.model), loaded.tokenizer, stats, cfg)
-        build_s = time.time() - start
-        recall = sum(r["router_recall"] for r in m.record["layers"]) / len(m.record["layers"])
-        for active in args.active:
-            m.set_active(active)
-            r = evaluate(m, heldout)
-            rows.append({"method": method, "router": router, "router_loss": args.router_loss if router == "mlp" else None,
-                         "shared": float(shared), "experts": int(experts),
-                         "active_target": active, "build_s": build_s, "router_recall_at_max_active": recall,
-                         "command": command(args, method, router, shared, experts, active), **r})
-            print(json.dumps({k: rows[-1][k] for k in ("method", "router", "shared", "active_target")}),
-                  f"ppl {r['moe']['ppl']:.2f} vs dense {r['dense']['ppl']:.2f} ({r['ppl_ratio']:.2f}x), "
-                  f"share {r['moe']['active_ffn_share']:.3f}", flush=True)
-        del m
+    variants = [Variant.parse(v) for v in args.variant]
+
+    def save(rows):  # after every point: a partial run keeps its rows
+        for r in rows:
+            r.setdefault("router_loss", args.router_loss if r["router"] == "mlp" else None)
+            r.setdefault("command", command(args, r["method"], r["router"], r["shared"], r["experts"], r["active_target"]))
         write_json(args.out, {"model": args.model, "eval_data": args.eval_data, "versions": moefy.io.versions(),
-                              "rows": rows})  # after every variant: a partial run keeps its rows
+                              "rows": rows})
+        r = rows[-1]
+        if "skipped" not in r:
+            print(r["variant"], r["active_target"], f"ppl {r['moe']['ppl']:.2f} vs dense {r['dense']['ppl']:.2f} "
+                  f"({r['ppl_ratio']:.2f}x), share {r['moe']['active_ffn_share']:.3f}", flush=True)
+
+    rows = sweep(loaded, variants, args.active, heldout, MoEConfig(router_loss=args.router_loss), data, on_row=save)
     print(markdown(rows))
 
 
@@ -78,18 +63,6 @@ def command(args, method, router, shared, experts, active):
     return (f"moefy convert --model {args.model} --calib {args.calib} --calib-tokens {args.calib_tokens} "
             f"--seq-len {args.seq_len} --experts {experts} --method {method} --router {router}{loss_flag}{shared_flag} "
             f"--active {active} --eval-data {args.eval_data} --eval-tokens {args.eval_tokens} --out runs/x")
-
-
-def markdown(rows) -> str:
-    dense = rows[0]["dense"]
-    lines = ["| method | router | shared | active target | PPL | x dense | FFN MFLOPs/token | active FFN share |",
-             "|---|---|---|---|---|---|---|---|",
-             f"| dense | - | - | 1.00 | {dense['ppl']:.2f} | 1.00 | {dense['ffn_flops_per_token'] / 1e6:.1f} | 100% |"]
-    for r in rows:
-        lines.append(f"| {r['method']} ({r['experts']}) | {r['router']} | {r['shared']:g} | {r['active_target']:.2f} | "
-                     f"{r['moe']['ppl']:.2f} | {r['ppl_ratio']:.2f} | {r['moe']['ffn_flops_per_token'] / 1e6:.1f} | "
-                     f"{r['moe']['active_ffn_share']:.1%} |")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

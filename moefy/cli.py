@@ -142,6 +142,72 @@ def bench(
     _run(body)
 
 
+@app.command()
+def sweep(
+    out: Path = typer.Option(..., help="Output folder: sweep.json, sweep.png and sweep.md."),
+    model: str = typer.Option("smollm2-135m", help="Local HF folder, .gguf file, or smollm2-135m."),
+    variant: list[str] = typer.Option(["coactivation:mlp:0.1:384", "coactivation:mlp:0:96",
+                                       "coactivation:similarity:0.1:96"],
+                                      help="method:router:shared:experts; repeat the flag for several."),
+    active: list[float] = typer.Option([0.125, 0.25, 0.375, 0.5, 0.75], help="FFN compute shares; repeat the flag."),
+    oracle: bool = typer.Option(False, help="Also score every point with perfect routing (costs a dense FFN per layer)."),
+    calib: str = typer.Option("wiki-sample", help="Calibration text."),
+    calib_tokens: int = typer.Option(16384, help="Calibration tokens."),
+    eval_data: str = typer.Option("wiki-sample:heldout", help="Held-out text."),
+    eval_tokens: int = typer.Option(8192, help="Held-out tokens."),
+    seq_len: int = typer.Option(256, help="Tokens per block."),
+    router_loss: str = typer.Option("log-norm", help="mlp router target: log-norm, norm or bce."),
+    seed: int = typer.Option(0),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+    verbose: bool = typer.Option(False, "-v", "--verbose"),
+):
+    """Quality vs FFN compute for several variants on one model: JSON, a PNG plot and a table."""
+    _logging(verbose)
+
+    def body():
+        import shutil
+        import tempfile
+
+        from . import data as data_mod
+        from . import io, models
+        from . import sweep as sweep_mod
+        from .config import DataConfig, MoEConfig
+
+        io.check_target(out, overwrite)
+        variants = [sweep_mod.Variant.parse(v) for v in variant]
+        base = MoEConfig(router_loss=router_loss, seed=seed)
+        data_cfg = DataConfig(source=calib, seq_len=seq_len, tokens=calib_tokens)
+        data_cfg.validate()
+        loaded = models.load(model)
+        heldout = data_mod.blocks(eval_data, loaded.tokenizer, seq_len, max_tokens=eval_tokens)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            def progress(rows):
+                r = rows[-1]
+                if "skipped" in r:
+                    typer.echo(f"{r['variant']} @ {r['active_target']:g}: skipped: {r['skipped']}", err=True)
+                    return
+                typer.echo(f"{r['variant']} @ {r['active_target']:g}: {sweep_mod.quality(r):.3f} "
+                           f"({r['moe']['active_ffn_share']:.1%} active)", err=True)
+
+            rows = sweep_mod.sweep(loaded, variants, active, heldout, base, data_cfg, oracle=oracle, on_row=progress)
+            io.write_json(tmp / "sweep.json", {"model": str(loaded.source), "eval_data": eval_data, "calib": calib,
+                                               "calib_tokens": calib_tokens, "router_loss": router_loss, "seed": seed,
+                                               "versions": io.versions(), "rows": rows})
+            sweep_mod.plot(rows, tmp / "sweep.png", title=f"{Path(str(loaded.source)).name}, {eval_data}")
+            table = sweep_mod.markdown(rows)
+            (tmp / "sweep.md").write_text(table + "\n")
+            io.replace_path(tmp, out)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        typer.echo(table)
+        typer.echo(f"saved {out}/sweep.json, sweep.png, sweep.md")
+
+    _run(body)
+
+
 def _open_run(run, json_out, overwrite, active=None, top_k=None, tau=None):
     """Check the JSON target first (nothing is overwritten by surprise), load, apply overrides."""
     from . import load

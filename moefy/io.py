@@ -48,7 +48,7 @@ def save(m: MoEModel, folder: str | os.PathLike, overwrite: bool = False) -> Pat
                    auto_map={_auto_name(m): f"modeling_moefy.{PREFIX}{base}"})
         record = {**m.record, "assignment": _assignment(m), "versions": versions()}
         (tmp / RECORD).write_text(json.dumps(record, indent=1))
-        _replace(tmp, target)
+        replace_path(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -106,7 +106,7 @@ def _edit_json(path: Path, **updates):
     path.write_text(json.dumps({**json.loads(path.read_text()), **updates}, indent=2))
 
 
-def _replace(tmp: Path, target: Path):
+def replace_path(tmp: Path, target: Path):
     """Put tmp at target; an old target is moved aside first and removed only after the swap."""
     if not target.exists():
         os.replace(tmp, target)

@@ -152,10 +152,11 @@ def bench_model(m: MoEModel, dense_model, prompt: torch.Tensor, output_len: int,
 def environment(threads: int) -> dict:
     flags = ""
     if os.path.exists("/proc/cpuinfo"):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags"):
-                flags = " ".join(f for f in line.split(":")[1].split() if f.startswith(("avx", "fma", "amx")))
-                break
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    flags = " ".join(f for f in line.split(":")[1].split() if f.startswith(("avx", "fma", "amx")))
+                    break
     return {"threads": threads, "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
             "cpu_flags": flags, "load_avg_1m": os.getloadavg()[0], "cores": os.cpu_count()}
 

@@ -37,6 +37,8 @@ def convert(
     method: str = typer.Option("coactivation", help="Grouping: random, param-kmeans, coactivation."),
     router: str = typer.Option("mlp", help="Router: mlp, similarity, representative."),
     router_loss: str = typer.Option("log-norm", help="mlp router target: log-norm, norm (D2DMoE) or bce (MoEfication)."),
+    budget: str = typer.Option("uniform", help="Per-layer top-k: uniform (same share everywhere) or sensitivity "
+                                                "(the total split by each layer's measured error curve)."),
     shared: float = typer.Option(0.1, help="Share of expert slots given to always-on shared neurons (CMoE)."),
     calib_tokens: int = typer.Option(16384, help="Calibration tokens."),
     seq_len: int = typer.Option(256, help="Tokens per block."),
@@ -61,7 +63,8 @@ def convert(
         if json_out is not None:
             check_target(json_out, overwrite)
         moe_cfg = MoEConfig(num_experts=experts, active=None if tau is not None else active, tau=tau,
-                            method=method, router=router, router_loss=router_loss, shared=shared, seed=seed)
+                            method=method, router=router, router_loss=router_loss, shared=shared, seed=seed,
+                            budget=budget)
         data_cfg = DataConfig(source=calib, seq_len=seq_len, tokens=calib_tokens)
         moe_cfg.validate()
         data_cfg.validate()
@@ -157,6 +160,7 @@ def sweep(
     eval_tokens: int = typer.Option(8192, help="Held-out tokens."),
     seq_len: int = typer.Option(256, help="Tokens per block."),
     router_loss: str = typer.Option("log-norm", help="mlp router target: log-norm, norm or bce."),
+    budget: str = typer.Option("uniform", help="Per-layer top-k: uniform or sensitivity (see convert --help)."),
     seed: int = typer.Option(0),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
     verbose: bool = typer.Option(False, "-v", "--verbose"),
@@ -175,7 +179,7 @@ def sweep(
 
         io.check_target(out, overwrite)
         variants = [sweep_mod.Variant.parse(v) for v in variant]
-        base = MoEConfig(router_loss=router_loss, seed=seed)
+        base = MoEConfig(router_loss=router_loss, seed=seed, budget=budget)
         data_cfg = DataConfig(source=calib, seq_len=seq_len, tokens=calib_tokens)
         data_cfg.validate()
         loaded = models.load(model)
@@ -194,6 +198,7 @@ def sweep(
             rows = sweep_mod.sweep(loaded, variants, active, heldout, base, data_cfg, oracle=oracle, on_row=progress)
             io.write_json(tmp / "sweep.json", {"model": str(loaded.source), "eval_data": eval_data, "calib": calib,
                                                "calib_tokens": calib_tokens, "router_loss": router_loss, "seed": seed,
+                                               "budget": budget,
                                                "versions": io.versions(), "rows": rows})
             sweep_mod.plot(rows, tmp / "sweep.png", title=f"{Path(str(loaded.source)).name}, {eval_data}")
             table = sweep_mod.markdown(rows)

@@ -31,6 +31,7 @@ class MoEConfig:
     tau: float | None = None         # dynamic-k threshold in [0, 1); replaces the fixed top-k from `active`
     method: str = "coactivation"     # neuron grouping, see grouping.GROUPINGS
     shared: float = 0.1              # share of expert slots that become always-on shared neurons, [0, 1)
+    budget: str = "uniform"          # per-layer top-k for `active`: "uniform" (same share everywhere) or "sensitivity" (budget.py)
     router: str = "mlp"              # router kind, see moe_layer.ROUTERS
     router_hidden: int = 128         # hidden width of the mlp router
     router_loss: str = "log-norm"    # mlp router target: "log-norm" (MSE on log(1 + expert output norm)), "norm" (D2DMoE) or "bce" (MoEfication)
@@ -47,6 +48,8 @@ class MoEConfig:
             raise ConfigError(f"unknown method {self.method!r}; choose from {', '.join(GROUPINGS)}")
         if self.router not in ROUTERS:
             raise ConfigError(f"unknown router {self.router!r}; choose from {', '.join(ROUTERS)}")
+        if self.budget not in ("uniform", "sensitivity"):
+            raise ConfigError(f"unknown budget {self.budget!r}; choose uniform or sensitivity")
         if self.router_loss not in ("log-norm", "norm", "bce"):
             raise ConfigError(f"unknown router loss {self.router_loss!r}; choose log-norm, norm or bce")
         if self.num_experts < 2:

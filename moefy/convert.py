@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from . import data as data_mod
 from . import models
 from .arch import Family, family_for
+from .budget import allocate, error_curve
 from .config import DataConfig, MoEConfig
 from .errors import ConfigError
 from .grouping import NEEDS_COACTIVATION, split_neurons
@@ -24,6 +25,7 @@ from .routing import build_router, router_spec
 log = logging.getLogger(__name__)
 
 MIN_CALIB_TOKENS = {"mlp": 2048}  # trained routers need this many tokens; others need one block
+CURVE_TOKENS = 1024  # calibration tokens behind each layer's error curve (budget="sensitivity")
 
 
 @dataclass
@@ -55,12 +57,26 @@ class MoEModel:
         for layer in self.layers:
             layer.set_selection(top_k, tau)
 
-    def set_active(self, share: float):
-        """Fixed top-k per layer: the largest k whose FFN FLOPs (router counted) fit `share`."""
+    def set_active(self, share: float, budget: str | None = None):
+        """Fixed top-k per layer within `share` of the dense FFN FLOPs (routers counted).
+        budget="uniform": each layer the largest k that fits the share; "sensitivity": the model's
+        total split across layers by their measured error curves (budget.py; needs a model
+        converted with budget="sensitivity"). Default: the budget the model was converted with."""
         if not 0 < share <= 1:
             raise ConfigError(f"active share must be in (0, 1], got {share}")
-        ks = [_top_k(layer, share) for layer in self.layers]  # all checked before any changes
-        for layer, k in zip(self.layers, ks):
+        budget = budget or self.record.get("moe", {}).get("budget", "uniform")
+        layers = self.layers
+        if budget == "sensitivity":
+            curves = [r.get("error_curve") for r in self.record.get("layers", [])]
+            if len(curves) != len(layers) or any(c is None for c in curves):
+                raise ConfigError("this model has no per-layer error curves; convert it with --budget sensitivity")
+            ks = allocate(curves, [l.flops_per_token(1) - l.flops_per_token(0) for l in layers],
+                          [l.flops_per_token(0) for l in layers], share * sum(l.dense_flops_per_token() for l in layers))
+        elif budget == "uniform":
+            ks = [_top_k(layer, share) for layer in layers]  # all checked before any changes
+        else:
+            raise ConfigError(f"unknown budget {budget!r}; choose uniform or sensitivity")
+        for layer, k in zip(layers, ks):
             layer.set_selection(k, None)
 
     @torch.no_grad()
@@ -153,6 +169,8 @@ def build(model, tokenizer, stats: list, moe: MoEConfig, record: dict | None = N
         layer = MoEFFN.from_dense(ffn, split.shared, split.experts, router_spec(moe.router, moe))
         layer.set_selection(*_selection(layer, moe))
         metrics = build_router(layer, stats[i].inputs, moe)
+        if moe.budget == "sensitivity":
+            metrics["error_curve"] = error_curve(layer, stats[i].inputs[:CURVE_TOKENS])
         layers.append(layer.requires_grad_(False))
         reports.append({"layer": i, "top_k": layer.top_k, **metrics})
         log.info("layer %d: %s", i, metrics)
@@ -161,7 +179,12 @@ def build(model, tokenizer, stats: list, moe: MoEConfig, record: dict | None = N
                           "identity": list(family.identity), "layers": [l.spec for l in layers]}
     install_moe(model, model.config.moefy, layers)
     record = {**(record or {}), "family": family.name, "moe": moe.to_dict(), "layers": reports}
-    return MoEModel(model.eval(), tokenizer, record)
+    m = MoEModel(model.eval(), tokenizer, record)
+    if moe.budget == "sensitivity" and moe.active is not None:
+        m.set_active(moe.active)
+        for report, layer in zip(reports, layers):
+            report["top_k"] = layer.top_k
+    return m
 
 
 def _selection(layer: MoEFFN, moe: MoEConfig) -> tuple[int | None, float | None]:

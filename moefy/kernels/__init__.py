@@ -43,9 +43,10 @@ def load() -> "Kernels | None":
 
 def _cpu_id() -> str:
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags"):
-                return line
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line
     except OSError:
         pass
     import platform

@@ -44,17 +44,25 @@ def compute(m: MoEModel) -> dict:
             "active_ffn_share": moe / dense, "active_neuron_share": neurons / width, "mean_k": mean_k}
 
 
+def dense_reference(m: MoEModel, blocks: torch.Tensor, batch_size: int = 8, progress: bool = False):
+    """The dense model's result on `blocks` (every expert active): (perplexity, tokens) for causal
+    LMs, the final hidden states for encoders. Pass it to evaluate() to score several MoE settings
+    of the same base model against one dense run."""
+    with m.all_experts():
+        return (perplexity(m.model, blocks, batch_size, progress, "dense") if m.family.causal
+                else hidden_states(m.model, blocks, batch_size))
+
+
 def evaluate(m: MoEModel, blocks: torch.Tensor, batch_size: int = 8, progress: bool = False,
-             oracle: bool = False) -> dict:
+             oracle: bool = False, reference=None) -> dict:
     """Dense vs MoE on the same blocks: perplexity (causal LMs) or agreement of the final hidden
     states (encoders), and FFN FLOPs per token with the router counted. With `oracle`, also the
-    same experts and k under perfect routing, and the router's recall of the oracle's choice."""
+    same experts and k under perfect routing, and the router's recall of the oracle's choice.
+    `reference`: dense_reference() of the same base model on the same blocks, to skip the dense run."""
     for layer in m.layers:
         layer.reset_counters()
     causal = m.family.causal
-    with m.all_experts():
-        dense = (perplexity(m.model, blocks, batch_size, progress, "dense") if causal
-                 else hidden_states(m.model, blocks, batch_size))
+    dense = reference if reference is not None else dense_reference(m, blocks, batch_size, progress)
     moe = (perplexity(m.model, blocks, batch_size, progress, "moe") if causal
            else hidden_states(m.model, blocks, batch_size))
     c = compute(m)

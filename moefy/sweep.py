@@ -19,7 +19,7 @@ from .config import DataConfig, MoEConfig
 from .convert import build, calibrate
 from .grouping import NEEDS_COACTIVATION
 from .errors import ConfigError
-from .evaluate import evaluate
+from .evaluate import dense_reference, evaluate
 
 
 @dataclass(frozen=True)
@@ -63,12 +63,14 @@ def sweep(loaded, variants: list[Variant], actives: list[float], heldout, base: 
         cfg.validate(width)
     # One profile serves all variants; it records co-activation when any variant groups by it.
     stats = calibrate(loaded.model, loaded.tokenizer, max(configs, key=lambda c: c.method in NEEDS_COACTIVATION), data)
-    rows = []
+    rows, reference = [], None
     for v, cfg in zip(variants, configs):
         start = time.time()
         m = build(copy.deepcopy(loaded.model), loaded.tokenizer, stats, cfg)
         build_s = time.time() - start
         recall = sum(r["router_recall"] for r in m.record["layers"]) / len(m.record["layers"])
+        if reference is None:  # every variant shares the base model: one dense run for the sweep
+            reference = dense_reference(m, heldout)
         for active in sorted(actives):
             row = {"variant": v.label(), **v.__dict__, "active_target": active, "build_s": build_s,
                    "router_recall_at_max_active": recall}
@@ -77,7 +79,7 @@ def sweep(loaded, variants: list[Variant], actives: list[float], heldout, base: 
             except ConfigError as exc:  # below this variant's floor (router + shared neurons)
                 rows.append({**row, "skipped": str(exc)})
             else:
-                rows.append({**row, **evaluate(m, heldout, oracle=oracle)})
+                rows.append({**row, **evaluate(m, heldout, oracle=oracle, reference=reference)})
             if on_row is not None:
                 on_row(rows)
     return rows

@@ -56,6 +56,26 @@ def sparse_layers(model) -> list[SparseExpertFFN]:
     return [m for m in model.modules() if isinstance(m, SparseExpertFFN)]
 
 
+def set_execution(model, mode: str):
+    """"sparse" (CSR products) or "dense" (each routed expert expanded for the call: same numbers
+    up to summation order, faster for perplexity on CPU at moderate sparsity)."""
+    if mode not in ("sparse", "dense"):
+        raise ConfigError(f"execution must be sparse or dense, got {mode!r}")
+    for layer in sparse_layers(model):
+        layer.execution = mode
+
+
+def ffn_flops(model) -> dict:
+    """FFN FLOPs per token of the pruned model (its expert's non-zeros, router counted) and of the
+    dense model it came from."""
+    layers = sparse_layers(model)
+    dense = sum(l.dense_flops_per_token() for l in layers)
+    sparse = sum(l.flops_per_token() for l in layers)
+    router = sum(l.router_flops_per_token() for l in layers)
+    return {"dense_ffn_flops_per_token": dense, "ffn_flops_per_token": sparse, "router_flops_per_token": router,
+            "active_ffn_share": sparse / dense}
+
+
 def sparsify(model, tokenizer, prune_cfg: PruneConfig, expansion: ExpansionConfig = ExpansionConfig(),
              data: DataConfig = DataConfig(), *, source: str = "", progress: bool = False) -> MoEModel:
     """Prune (one expert) or sparse-expand (several) every FFN of `model` in place, calibrated on
@@ -218,5 +238,5 @@ def dense_forward(ffn: DenseFFN, x: torch.Tensor) -> torch.Tensor:
     return y if ffn.b_out is None else y + ffn.b_out
 
 
-__all__ = ["ExpansionConfig", "sparsify", "sparse_layers", "expand_ffn", "prune_ffn", "cluster",
+__all__ = ["ExpansionConfig", "sparsify", "sparse_layers", "set_execution", "ffn_flops", "expand_ffn", "prune_ffn", "cluster",
            "block_inputs", "reconstruction_error"]

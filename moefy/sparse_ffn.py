@@ -86,7 +86,9 @@ class SparseExpertFFN(nn.Module):
         layer = cls(spec)
         for e, mats in enumerate(experts):
             for name, dense in mats.items():
-                csr = dense.float().to_sparse_csr()
+                with warnings.catch_warnings():  # "CSR support is in beta"
+                    warnings.simplefilter("ignore")
+                    csr = dense.float().to_sparse_csr()
                 getattr(layer, f"{name}_crow")[e] = csr.crow_indices()
                 getattr(layer, f"{name}_col")[e] = csr.col_indices()
                 getattr(layer, f"{name}_val")[e] = csr.values()

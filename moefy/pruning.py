@@ -72,19 +72,19 @@ def pruned_count(numel: int, sparsity: float) -> int:
 
 
 class InputStats:
-    """Streaming statistics of a linear layer's inputs x [N, C], accumulated in fp64:
-    the Gram matrix X^T X (SparseGPT's Hessian, unless `diagonal_only`) and the squared column
-    norms ||x_j||^2 (Wanda)."""
+    """Streaming statistics of a linear layer's inputs x [N, C]: the Gram matrix X^T X (SparseGPT's
+    Hessian, unless `diagonal_only`; fp32 like the reference implementation, the product is the
+    cost of calibration) and the squared column norms ||x_j||^2 (Wanda, fp64)."""
 
     def __init__(self, columns: int, diagonal_only: bool = False):
         self.tokens = 0
         self.sq_norms = torch.zeros(columns, dtype=torch.float64)
-        self.gram = None if diagonal_only else torch.zeros(columns, columns, dtype=torch.float64)
+        self.gram = None if diagonal_only else torch.zeros(columns, columns)
 
     def add_batch(self, x: torch.Tensor):
-        x = x.reshape(-1, x.shape[-1]).double()
+        x = x.reshape(-1, x.shape[-1]).float()
         self.tokens += x.shape[0]
-        self.sq_norms += x.square().sum(0)
+        self.sq_norms += x.double().square().sum(0)
         if self.gram is not None:
             self.gram.addmm_(x.T, x)  # [C, C]
 
@@ -92,7 +92,7 @@ class InputStats:
         """H = 2 X^T X / N (SparseGPT, eq. 1 of Frantar & Alistarh 2023), fp32."""
         if self.gram is None:
             raise ValueError("these InputStats keep only the diagonal")
-        return (2 * self.gram / max(self.tokens, 1)).float()
+        return 2 * self.gram / max(self.tokens, 1)
 
 
 def prune(w: torch.Tensor, stats: InputStats | None, cfg: PruneConfig) -> torch.Tensor:

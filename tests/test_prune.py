@@ -80,7 +80,7 @@ def test_wanda_and_magnitude_definitions():
 def test_input_stats_match_the_definitions(layer):
     _, x, stats = layer
     x64 = x.double()
-    torch.testing.assert_close(stats.hessian(), (2 * x64.T @ x64 / x.shape[0]).float())
+    torch.testing.assert_close(stats.hessian(), (2 * x64.T @ x64 / x.shape[0]).float(), rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(stats.sq_norms, x64.square().sum(0))
 
 

@@ -121,10 +121,15 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 
 def lowest_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """Boolean mask of exactly `count` lowest scores over the whole tensor."""
-    mask = torch.zeros(scores.numel(), dtype=torch.bool)
-    if count:
-        mask[scores.flatten().topk(count, largest=False).indices] = True
+    """Boolean mask of exactly `count` lowest scores over the whole tensor (ties broken by
+    position). A selection (kthvalue), not a sort: this runs once per SparseGPT block."""
+    flat = scores.flatten()
+    if count <= 0 or count >= flat.numel():
+        return torch.full_like(scores, count > 0, dtype=torch.bool)
+    kth = flat.kthvalue(count).values
+    mask = flat < kth
+    ties = (flat == kth).nonzero().squeeze(1)[: count - int(mask.sum())]
+    mask[ties] = True
     return mask.view_as(scores)
 
 
@@ -196,26 +201,27 @@ def sparsegpt(w: torch.Tensor, hessian: torch.Tensor, sparsity: float, nm: tuple
     done = 0
     for i1 in range(0, C, blocksize):
         i2 = min(i1 + blocksize, C)
-        w1, h1 = W[:, i1:i2].clone(), hinv[i1:i2, i1:i2]  # [R, B], [B, B]
+        # The block is kept transposed, [B, R], so each column of W is a contiguous row here.
+        w1, h1 = W[:, i1:i2].T.contiguous(), hinv[i1:i2, i1:i2]  # [B, R], [B, B]
         err = torch.zeros_like(w1)
         d = h1.diagonal()
         if nm is None:
             count = pruned_count(R * i2, sparsity) - done
-            mask = lowest_mask(w1.square() / d.square(), count)  # [R, B]
+            mask = lowest_mask(w1.square() / d[:, None].square(), count)  # [B, R]
             done += count
         else:
             mask = torch.zeros_like(w1, dtype=torch.bool)
         for i in range(i2 - i1):
             if nm is not None and i % nm[1] == 0:
                 m = nm[1]
-                mask[:, i:i + m] = nm_mask(w1[:, i:i + m].square() / d[i:i + m].square(), *nm)
-            q = w1[:, i].masked_fill(mask[:, i], 0)
-            e = (w1[:, i] - q) / d[i]  # [R]
-            w1[:, i:].sub_(e[:, None] * h1[i, i:][None, :])
-            w1[:, i] = q
-            err[:, i] = e
-        W[:, i1:i2] = w1
-        W[:, i2:].sub_(err @ hinv[i1:i2, i2:])
+                mask[i:i + m] = nm_mask((w1[i:i + m].square() / d[i:i + m, None].square()).T, *nm).T
+            q = w1[i].masked_fill(mask[i], 0)
+            e = (w1[i] - q) / d[i]  # [R]
+            w1[i:].addr_(h1[i, i:], e, alpha=-1)  # OBS update of the block's remaining columns
+            w1[i] = q
+            err[i] = e
+        W[:, i1:i2] = w1.T
+        W[:, i2:].sub_(err.T @ hinv[i1:i2, i2:])  # lazy batch update of the columns after the block
     return W.to(w.dtype)
 
 

@@ -28,7 +28,7 @@ from .convert import MoEModel
 from .errors import ConfigError
 from .modeling_moefy import install_moe
 from .pruning import InputStats, PruneConfig, prune, reconstruction_error
-from .sparse_ffn import ACTIVATIONS, SparseExpertFFN
+from .sparse_ffn import ACTIVATIONS, SparseExpertFFN, nearest_centroid
 
 log = logging.getLogger(__name__)
 
@@ -184,8 +184,7 @@ def expand_ffn(ffn: DenseFFN, x: torch.Tensor, cfg: PruneConfig, expansion: Expa
     if E > 1:
         mean, basis, centroids = cluster(x, E, expansion.pca_dim, expansion.kmeans_iters, seed)
         route = dict(pca_mean=mean, pca_basis=basis, centroids=centroids)
-        probe = SparseExpertFFN.from_experts(kind=ffn.kind, act=ffn.act, experts=[_linear(ffn)] * E, **route)
-        labels = probe.route(x)  # the router's own rule, so calibration clusters = routing
+        labels = nearest_centroid((x - mean) @ basis.T, centroids)  # the router's rule: clusters = routing
     else:
         labels = torch.zeros(x.shape[0], dtype=torch.long)
     experts, sizes = [], torch.bincount(labels, minlength=E).tolist()

@@ -25,6 +25,13 @@ TYPE = "sparse_expansion"
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 
+def nearest_centroid(z: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest centroid [E, P] of each point z [T, P] (squared Euclidean)."""
+    dist = (z.square().sum(1, keepdim=True) - 2 * z @ centroids.T
+            + centroids.square().sum(1)[None, :])  # [T, E]
+    return dist.argmin(1)
+
+
 class SparseExpertFFN(nn.Module):
     """Drop-in for a dense FFN (SwiGLU or biased MLP): y = W_out^T h, h = act(W_in x + b) * (W_up x),
     with the (W_in, W_up, W_out) of the token's expert. Matrices are kept as nn.Linear stores
@@ -118,10 +125,8 @@ class SparseExpertFFN(nn.Module):
         """Expert of each token, [T]: the nearest centroid (squared Euclidean) in PCA space."""
         if self.spec["num_experts"] == 1:
             return torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-        z = self.project(x)
-        dist = (z.square().sum(1, keepdim=True) - 2 * z @ self.centroids.T
-                + self.centroids.square().sum(1)[None, :])  # [T, E]
-        return dist.argmin(1)
+        return nearest_centroid(self.project(x), self.centroids)
+
 
     # -- forward ----------------------------------------------------------------------------------
 

@@ -230,6 +230,66 @@ def _report_pruned(m, blocks, data, json_out, dense_ppl=None):
         write_json(json_out, result)
 
 
+analyze_app = typer.Typer(no_args_is_help=True, help="Analyses of a dense model's neurons.")
+app.add_typer(analyze_app, name="analyze")
+
+
+@analyze_app.command("wasserstein")
+def wasserstein_cmd(
+    model: str = typer.Argument("smollm2-135m", help="Local HF folder, .gguf file, or smollm2-135m."),
+    calib: str = typer.Option("wiki-sample:calib", help="Text the neuron outputs are measured on."),
+    calib_tokens: int = typer.Option(16384, help="Calibration tokens."),
+    seq_len: int = typer.Option(256, help="Tokens per block."),
+    json_out: Path = typer.Option(Path("runs/wasserstein.json"), "--json", help="Per-layer distances (JSON)."),
+    plot_out: Path = typer.Option(Path("runs/wasserstein.png"), "--plot", help="Per-layer box plots (PNG)."),
+    experiment: bool = typer.Option(True, "--experiment/--no-experiment",
+                                    help="Sparsify top-W vs bottom-W vs random neurons, held-out perplexity."),
+    share: float = typer.Option(0.1, help="Experiment: share of each layer's neurons sparsified."),
+    sparsity: float = typer.Option(0.9, help="Experiment: sparsity of the chosen neurons' input rows (SparseGPT)."),
+    eval_data: str = typer.Option("wiki-sample:heldout", help="Experiment: held-out text."),
+    eval_tokens: int = typer.Option(8192, help="Experiment: held-out tokens."),
+    overwrite: bool = typer.Option(False, help="Replace existing --json / --plot files."),
+):
+    """Wasserstein neurons: W1 distance of every FFN neuron's output distribution to a Gaussian."""
+    _logging(False)
+
+    def body():
+        from . import data as data_mod
+        from . import models
+        from .analysis import wasserstein
+        from .config import DataConfig
+        from .io import check_target, write_json
+
+        check_target(json_out, overwrite)
+        check_target(plot_out, overwrite)
+        loaded = models.load(model)
+        heldout = data_mod.blocks(eval_data, loaded.tokenizer, seq_len, max_tokens=eval_tokens) if experiment else None
+        result, distances = wasserstein.analyse(loaded.model, loaded.tokenizer, DataConfig(
+            source=calib, seq_len=seq_len, tokens=calib_tokens), heldout, share=share, sparsity=sparsity)
+        result["source"] = loaded.source
+        _write_plot(wasserstein, distances, plot_out, Path(loaded.source).name)
+        write_json(json_out, result, overwrite=overwrite)
+        for row in result["layers"]:
+            typer.echo(f"layer {row['layer']:>2}: W1 mean {row['mean']:.3f}  p90 {row['p90']:.3f}  max {row['max']:.3f}")
+        if "experiment" in result:
+            e = result["experiment"]
+            typer.echo(f"PPL dense {e['dense_ppl']:.3f}; {e['share']:.0%} of neurons at {e['sparsity']:.0%}: "
+                       f"top-W {e['top_ppl']:.3f}, bottom-W {e['bottom_ppl']:.3f}, random {e['random_ppl']:.3f}")
+        typer.echo(f"wrote {json_out} and {plot_out}")
+
+    _run(body)
+
+
+def _write_plot(wasserstein, distances, path: Path, title: str):
+    """The PNG through a temporary file and one rename, like every other output."""
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp.png"
+    wasserstein.plot(distances, tmp, title=f"Wasserstein neurons: {title}")
+    os.replace(tmp, path)
+
+
 def _open_run(run, json_out, overwrite, active=None, top_k=None, tau=None):
     """Check the JSON target first (nothing is overwritten by surprise), load, apply overrides."""
     from . import load

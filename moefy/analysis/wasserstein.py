@@ -122,6 +122,40 @@ def neurons_sparsified(model, inputs: list[torch.Tensor], neurons: list[torch.Te
             weight.copy_(original)
 
 
+def analyse(model, tokenizer, data, eval_blocks: torch.Tensor | None = None, share: float = 0.1,
+            sparsity: float = 0.9, seed: int = 0) -> tuple[dict, list[torch.Tensor]]:
+    """W1 of every FFN neuron on the calibration text `data` (a DataConfig), per layer; with
+    eval_blocks, also the experiment: held-out perplexity of the dense model and with the input
+    rows of each layer's top-W, bottom-W and random `share` of neurons pruned to `sparsity`.
+    Returns (result dict for JSON, the per-layer distances)."""
+    from .. import data as data_mod
+    from ..errors import ConfigError
+    from ..evaluate import perplexity
+
+    if not 0 < share <= 0.5:
+        raise ConfigError(f"neuron share must be in (0, 0.5] (top and bottom must not overlap), got {share}")
+    if not 0 <= sparsity < 1:
+        raise ConfigError(f"sparsity must be in [0, 1), got {sparsity}")
+    data.validate()
+    family = family_for(model.config)
+    calib = data_mod.blocks(data.source, tokenizer, data.seq_len, max_tokens=data.tokens)
+    inputs = ffn_inputs(model, family, calib, data.batch_size)
+    distances = wasserstein_distances(model, inputs)
+    result = {"calibration": {"source": data.source, "tokens": int(calib.numel())},
+              "neuron": "row of the FFN input projection (gate); output = its pre-activation",
+              "distance": "W1(standardised outputs, N(0,1))", "layers": summary(distances)}
+    if eval_blocks is not None and family.causal:
+        exp = {"share": share, "sparsity": sparsity, "tokens": int(eval_blocks[:, 1:].numel()),
+               "dense_ppl": perplexity(model, eval_blocks)[0]}
+        for which in ("top", "bottom", "random"):
+            chosen = select(distances, share, which, seed)
+            with neurons_sparsified(model, inputs, chosen, sparsity):
+                exp[f"{which}_ppl"] = perplexity(model, eval_blocks)[0]
+            exp[f"{which}_mean_w1"] = float(torch.cat([d[c] for d, c in zip(distances, chosen)]).mean())
+        result["experiment"] = exp
+    return result, distances
+
+
 def plot(distances: list[torch.Tensor], path, title: str = ""):
     """Per-layer box plots of the neurons' W1 and the pooled histogram, as a PNG."""
     import matplotlib
@@ -145,5 +179,5 @@ def plot(distances: list[torch.Tensor], path, title: str = ""):
     plt.close(fig)
 
 
-__all__ = ["ffn_inputs", "w1_to_gaussian", "wasserstein_distances", "summary", "select", "neurons_sparsified",
+__all__ = ["analyse", "ffn_inputs", "w1_to_gaussian", "wasserstein_distances", "summary", "select", "neurons_sparsified",
            "plot", "gaussian_quantiles"]

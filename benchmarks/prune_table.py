@@ -46,8 +46,12 @@ def main():
     p.add_argument("--pca-dim", type=int, default=16)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True)
+    p.add_argument("--markdown", action="store_true", help="print the table of --out as markdown and exit")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.markdown:
+        print(markdown(json.loads(Path(args.out).read_text())))
+        return
 
     out = Path(args.out)
     result = json.loads(out.read_text()) if out.exists() else {"settings": vars(args), "rows": []}
@@ -91,6 +95,21 @@ def run_row(args, key, method, experts, sparsity, data, evals) -> dict:
                        f"--pca-dim {args.pca_dim} --calib {args.calib} --calib-tokens {args.calib_tokens} "
                        f"--eval-data {args.eval_data} --eval-tokens {args.eval_tokens} --out runs/x",
             "layers": layers}
+
+
+def markdown(result: dict) -> str:
+    names = list(result["dense"])
+    head = ["sparsity", "method", "experts", *[f"PPL {n}" for n in names], "FFN MFLOPs/token (router)",
+            "FFN rel. error", "min tokens/cluster"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+             "| 0 | dense | - | " + " | ".join(f"{result['dense'][n]:.2f}" for n in names) + " | - | - | - |"]
+    order = {"magnitude": 0, "wanda": 1, "sparsegpt": 2}
+    for r in sorted(result["rows"], key=lambda r: (r["sparsity"], order[r["method"]], r["experts"])):
+        ppl = [f"{r['ppl'][n]:.2f}" if n in r["ppl"] else "-" for n in names]
+        lines.append(f"| {r['sparsity']:.0%} | {r['method']} | {r['experts']} | " + " | ".join(ppl) +
+                     f" | {r['ffn_flops_per_token'] / 1e6:.1f} ({r['router_flops_per_token'] / 1e6:.2f}) | "
+                     f"{r['mean_ffn_relative_error']:.3f} | {r['min_cluster_tokens']} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ class SparseExpertFFN(nn.Module):
         self.act = spec["act"]
         self.gated = spec["kind"] == "swiglu"
         self.execution = "sparse"
+        self._col_cache: dict = {}
         self.register_buffer("pca_mean", torch.zeros(D))
         self.register_buffer("pca_basis", torch.zeros(P, D))
         self.register_buffer("centroids", torch.zeros(E, P))
@@ -109,9 +110,19 @@ class SparseExpertFFN(nn.Module):
 
     def csr(self, name: str, e: int) -> torch.Tensor:
         """Expert e's matrix `name` as a torch sparse CSR tensor (views of the stored buffers)."""
-        return torch.sparse_csr_tensor(getattr(self, f"{name}_crow")[e], getattr(self, f"{name}_col")[e].int(),
+        return torch.sparse_csr_tensor(getattr(self, f"{name}_crow")[e], self._col32(name)[e],
                                        getattr(self, f"{name}_val")[e], self.shapes()[name],
                                        check_invariants=False)
+
+    def _col32(self, name: str) -> torch.Tensor:
+        """The int32 column indices torch's CSR kernels need, converted once from the stored int16
+        and kept outside the state dict; rebuilt when the buffer is replaced or changed."""
+        col = getattr(self, f"{name}_col")
+        key = (col.data_ptr(), col._version)
+        cached = self._col_cache.get(name)
+        if cached is None or cached[0] != key:
+            cached = self._col_cache[name] = (key, col.int())
+        return cached[1]
 
     def dense(self, name: str, e: int) -> torch.Tensor:
         return self.csr(name, e).to_dense()

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .errors import MoefyError
+from .errors import ConfigError, MoefyError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Turn a dense transformer into a sparse Mixture-of-Experts model.")
@@ -100,6 +100,8 @@ def eval_cmd(
         from . import data as data_mod
 
         m = _open_run(run, json_out, overwrite, active=active, top_k=top_k, tau=tau)
+        if m.record.get("kind") == "sparse_expansion":  # a `moefy prune` folder: no dense copy inside
+            return _report_pruned(m, data_mod.blocks(data, m.tokenizer, seq_len, max_tokens=tokens), data, json_out)
         _report(m, data_mod.blocks(data, m.tokenizer, seq_len, max_tokens=tokens), data, json_out, oracle)
 
     _run(body)
@@ -211,6 +213,152 @@ def sweep(
         typer.echo(f"saved {out}/sweep.json, sweep.png, sweep.md")
 
     _run(body)
+
+
+@app.command("prune")
+def prune_cmd(
+    model: str = typer.Argument("smollm2-135m", help="Local HF folder, .gguf file, or smollm2-135m."),
+    method: str = typer.Option("sparsegpt", help="sparsegpt, wanda or magnitude."),
+    sparsity: Optional[float] = typer.Option(None, help="Share of FFN weights set to zero, in [0, 1) (default 0.5)."),
+    nm: Optional[str] = typer.Option(None, "--nm", help="N:M structured sparsity, e.g. 2:4 (keep N of every M)."),
+    experts: int = typer.Option(1, help="Sparse Expansion: pruned copies per FFN, routed by nearest centroid."),
+    pca_dim: int = typer.Option(16, help="Sparse Expansion: PCA dimensions the FFN inputs are clustered in."),
+    calib: str = typer.Option("wiki-sample:calib", help="Calibration text."),
+    calib_tokens: int = typer.Option(16384, help="Calibration tokens."),
+    seq_len: int = typer.Option(256, help="Tokens per block."),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(Path("runs/smol-pruned"), help="Output folder."),
+    evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Dense vs pruned perplexity on held-out text."),
+    eval_data: str = typer.Option("wiki-sample:heldout", help="Held-out text for --eval."),
+    eval_tokens: int = typer.Option(8192, help="Held-out tokens for --eval."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the evaluation as JSON here."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+    verbose: bool = typer.Option(False, "-v", "--verbose"),
+):
+    """One-shot pruning of every FFN (SparseGPT, Wanda, magnitude), or Sparse Expansion with --experts > 1."""
+    _logging(verbose)
+
+    def body():
+        from . import data as data_mod
+        from . import models, save
+        from .config import DataConfig
+        from .io import check_target
+        from .pruning import PruneConfig, parse_nm
+        from .sparse_expansion import ExpansionConfig, sparsify
+
+        check_target(out, overwrite)
+        if json_out is not None:
+            check_target(json_out, overwrite)
+        pattern = parse_nm(nm)
+        if pattern and sparsity is not None and abs(sparsity - (1 - pattern[0] / pattern[1])) > 1e-9:
+            raise ConfigError(f"--nm {nm} fixes the sparsity at {1 - pattern[0] / pattern[1]:g}; drop --sparsity")
+        cfg = PruneConfig(method=method, sparsity=1 - pattern[0] / pattern[1] if pattern else
+                          (0.5 if sparsity is None else sparsity), nm=pattern)
+        expansion = ExpansionConfig(num_experts=experts, pca_dim=pca_dim, seed=seed)
+        data_cfg = DataConfig(source=calib, seq_len=seq_len, tokens=calib_tokens)
+        cfg.validate()
+        expansion.validate(cfg)
+        data_cfg.validate()
+        loaded = models.load(model)
+        heldout = data_mod.blocks(eval_data, loaded.tokenizer, seq_len, max_tokens=eval_tokens) if evaluate else None
+        dense = _perplexity_if_causal(loaded.model, heldout) if evaluate else None
+        m = sparsify(loaded.model, loaded.tokenizer, cfg, expansion, data_cfg, source=loaded.source, progress=True)
+        save(m, out, overwrite=overwrite)
+        typer.echo(f"saved {out}")
+        if evaluate:
+            _report_pruned(m, heldout, eval_data, json_out, dense)
+
+    _run(body)
+
+
+def _perplexity_if_causal(model, blocks):
+    from .arch import family_for
+    from .evaluate import perplexity
+
+    return perplexity(model, blocks, progress=True, desc="dense")[0] if family_for(model.config).causal else None
+
+
+def _report_pruned(m, blocks, data, json_out, dense_ppl=None):
+    """Perplexity of a pruned / sparse-expanded model (and of its dense source when given)."""
+    from .io import write_json
+    from .sparse_expansion import ffn_flops, set_execution
+
+    set_execution(m.model, "dense")  # same numbers as CSR up to summation order; faster here
+    result = {"data": data, "tokens": int(blocks.numel()), "prune": m.record.get("prune"),
+              "experts": m.record.get("expansion", {}).get("num_experts"), **ffn_flops(m.model)}
+    rows = [("", "dense", "pruned")]
+    if m.family.causal:
+        result["ppl"] = _perplexity_if_causal(m.model, blocks)
+        result["dense_ppl"] = dense_ppl
+        rows.append(("perplexity", "-" if dense_ppl is None else f"{dense_ppl:.3f}", f"{result['ppl']:.3f}"))
+    rows += [("FFN MFLOPs/token", f"{result['dense_ffn_flops_per_token'] / 1e6:.1f}",
+              f"{result['ffn_flops_per_token'] / 1e6:.1f}"),
+             ("active FFN share", "100.0%", f"{result['active_ffn_share']:.1%}")]
+    set_execution(m.model, "sparse")
+    typer.echo(f"{data}: {result['tokens']} tokens")
+    typer.echo("\n".join(f"{a:<18}{b:>10}  {c:>10}" for a, b, c in rows))
+    if json_out is not None:
+        write_json(json_out, result)
+
+
+analyze_app = typer.Typer(no_args_is_help=True, help="Analyses of a dense model's neurons.")
+app.add_typer(analyze_app, name="analyze")
+
+
+@analyze_app.command("wasserstein")
+def wasserstein_cmd(
+    model: str = typer.Argument("smollm2-135m", help="Local HF folder, .gguf file, or smollm2-135m."),
+    calib: str = typer.Option("wiki-sample:calib", help="Text the neuron outputs are measured on."),
+    calib_tokens: int = typer.Option(16384, help="Calibration tokens."),
+    seq_len: int = typer.Option(256, help="Tokens per block."),
+    json_out: Path = typer.Option(Path("runs/wasserstein.json"), "--json", help="Per-layer distances (JSON)."),
+    plot_out: Path = typer.Option(Path("runs/wasserstein.png"), "--plot", help="Per-layer box plots (PNG)."),
+    experiment: bool = typer.Option(True, "--experiment/--no-experiment",
+                                    help="Sparsify top-W vs bottom-W vs random neurons, held-out perplexity."),
+    share: float = typer.Option(0.1, help="Experiment: share of each layer's neurons sparsified."),
+    sparsity: float = typer.Option(0.9, help="Experiment: sparsity of the chosen neurons' input rows (SparseGPT)."),
+    eval_data: str = typer.Option("wiki-sample:heldout", help="Experiment: held-out text."),
+    eval_tokens: int = typer.Option(8192, help="Experiment: held-out tokens."),
+    overwrite: bool = typer.Option(False, help="Replace existing --json / --plot files."),
+):
+    """Wasserstein neurons: W1 distance of every FFN neuron's output distribution to a Gaussian."""
+    _logging(False)
+
+    def body():
+        from . import data as data_mod
+        from . import models
+        from .analysis import wasserstein
+        from .config import DataConfig
+        from .io import check_target, write_json
+
+        check_target(json_out, overwrite)
+        check_target(plot_out, overwrite)
+        loaded = models.load(model)
+        heldout = data_mod.blocks(eval_data, loaded.tokenizer, seq_len, max_tokens=eval_tokens) if experiment else None
+        result, distances = wasserstein.analyse(loaded.model, loaded.tokenizer, DataConfig(
+            source=calib, seq_len=seq_len, tokens=calib_tokens), heldout, share=share, sparsity=sparsity)
+        result["source"] = loaded.source
+        _write_plot(wasserstein, distances, plot_out, Path(loaded.source).name)
+        write_json(json_out, result, overwrite=overwrite)
+        for row in result["layers"]:
+            typer.echo(f"layer {row['layer']:>2}: W1 mean {row['mean']:.3f}  p90 {row['p90']:.3f}  max {row['max']:.3f}")
+        if "experiment" in result:
+            e = result["experiment"]
+            typer.echo(f"PPL dense {e['dense_ppl']:.3f}; {e['share']:.0%} of neurons at {e['sparsity']:.0%}: "
+                       f"top-W {e['top_ppl']:.3f}, bottom-W {e['bottom_ppl']:.3f}, random {e['random_ppl']:.3f}")
+        typer.echo(f"wrote {json_out} and {plot_out}")
+
+    _run(body)
+
+
+def _write_plot(wasserstein, distances, path: Path, title: str):
+    """The PNG through a temporary file and one rename, like every other output."""
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp.png"
+    wasserstein.plot(distances, tmp, title=f"Wasserstein neurons: {title}")
+    os.replace(tmp, path)
 
 
 def _open_run(run, json_out, overwrite, active=None, top_k=None, tau=None):

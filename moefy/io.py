@@ -23,7 +23,7 @@ from .errors import ModelLoadError, OutputExists
 from .modeling_moefy import PREFIX, base_class, moefy_class
 
 RECORD = "moefy.json"
-REMOTE_CODE = ("modeling_moefy.py", "moe_layer.py")
+REMOTE_CODE = ("modeling_moefy.py", "moe_layer.py", "sparse_ffn.py")
 
 
 def check_target(path: str | os.PathLike, overwrite: bool):

@@ -13,19 +13,25 @@ import torch
 import transformers
 
 from .moe_layer import MoEFFN
+from .sparse_ffn import TYPE as SPARSE_EXPANSION, SparseExpertFFN
 
 PREFIX = "Moefy"
 
 
 def install_moe(model: torch.nn.Module, cfg: dict, layers: list[MoEFFN] | None = None):
-    """Replace every block's FFN by its MoEFFN (given, or built empty from the specs in `cfg`)."""
+    """Replace every block's FFN by its MoEFFN (given, or built empty from the specs in `cfg`;
+    a spec of type "sparse_expansion" builds a SparseExpertFFN)."""
     blocks = model.get_submodule(cfg["blocks"])
     if len(blocks) != len(cfg["layers"]):
         raise ValueError(f"config.moefy describes {len(cfg['layers'])} layers, the model has {len(blocks)}")
     for i, block in enumerate(blocks):
-        block.set_submodule(cfg["ffn"], layers[i] if layers is not None else MoEFFN(cfg["layers"][i]))
+        block.set_submodule(cfg["ffn"], layers[i] if layers is not None else layer_from_spec(cfg["layers"][i]))
         for path in cfg.get("identity", []):
             block.set_submodule(path, torch.nn.Identity())
+
+
+def layer_from_spec(spec: dict) -> torch.nn.Module:
+    return SparseExpertFFN(spec) if spec.get("type") == SPARSE_EXPANSION else MoEFFN(spec)
 
 
 _CLASSES: dict[str, type] = {}

@@ -119,7 +119,7 @@ def bench_ffn(m: MoEModel, inputs, tokens: int, layers: int | None, **timing) ->
     for layer in moe:
         layer.reset_counters()
     t = compare(lambda: [d(x) for d, x in zip(dense, xs)], lambda: [l(x) for l, x in zip(moe, xs)], **timing)
-    router = compare(lambda: None, lambda: [l.route(x) for l, x in zip(moe, xs)], **timing)
+    router = compare(lambda: None, lambda: [l.routing_step(x) for l, x in zip(moe, xs)], **timing)
     out = t.summary()
     out.update(tokens=tokens, layers=len(moe), router_ms=router.summary()["moe_ms"],
                mean_k=sum(l.mean_k() for l in moe) / len(moe))

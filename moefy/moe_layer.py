@@ -266,6 +266,18 @@ class MoEFFN(nn.Module):
         """The experts each token uses, as a boolean mask [T, E]."""
         return select_experts(self._scores(x), self.top_k, self.tau)
 
+    @torch.no_grad()
+    def routing_step(self, x: torch.Tensor):
+        """Only the routing work of forward (router and selection, on the path forward takes for
+        x [T, D]): what `moefy bench` times as the router's cost."""
+        kern = _kernels()
+        args = self._kernel_args(kern) if kern is not None else None
+        if args is None or self.tau is not None or self.oracle:
+            return self.route(x)
+        if self._mlp_router and x.shape[0] <= KERNEL_FUSED_MAX_TOKENS:
+            return kern.mlp_topk(args, x.contiguous(), self.top_k)
+        return kern.topk(self.router.logits(x) if self._mlp_router else self._scores(x), self.top_k)
+
     def _scores(self, x):
         return self.expert_norms(x) if self.oracle else self.router(x)
 

@@ -178,3 +178,13 @@ def test_expert_norms_match_outputs(kind, bias, shared):
     x = torch.randn(9, D)
     expected = moe.expert_outputs(x).norm(dim=-1).T
     torch.testing.assert_close(moe.expert_norms(x, chunk=4), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tokens", [1, 20])
+def test_routing_step_selects_what_forward_uses(tokens, path):
+    _, moe = make_moe()
+    x = torch.randn(tokens, D)
+    step = moe.routing_step(x)
+    if step.dtype != torch.bool:  # kernel paths return indices [T, K]
+        step = torch.zeros(tokens, moe.spec["num_experts"], dtype=torch.bool).scatter_(1, step, True)
+    assert torch.equal(step, selection(moe, x))

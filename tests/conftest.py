@@ -67,3 +67,10 @@ def tiny_folder(tmp_path, tokenizer):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@torch.no_grad()  # with autograd on, MoEFFN takes its torch path (the kernels have no backward)
+def outputs(model, ids):
+    """Logits of a causal LM, the last hidden state of an encoder."""
+    out = model(input_ids=ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state

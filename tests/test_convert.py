@@ -8,19 +8,13 @@ import moefy
 from moefy.config import DataConfig, MoEConfig
 from moefy.errors import ConfigError, DataError, OutputExists
 
-from conftest import tiny_model
+from conftest import outputs, tiny_model
 
 DATA = DataConfig(source="pydoc", seq_len=32, tokens=2048, batch_size=16)
 
 
 def fast_cfg(**kw):
     return MoEConfig(**{"num_experts": 8, "active": 0.5, "shared": 0.0, "router_steps": 30, "router_hidden": 16, **kw})
-
-
-@torch.no_grad()  # with autograd on, MoEFFN takes its torch path (the kernels have no backward)
-def outputs(model, ids):
-    out = model(input_ids=ids)
-    return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
 @pytest.fixture

@@ -17,15 +17,10 @@ from moefy.sparse_expansion import (ExpansionConfig, block_inputs, ffn_inputs, h
                                     sparsify)
 from moefy.sparse_ffn import SparseExpertFFN
 
-from conftest import tiny_model
+from conftest import outputs, tiny_model
 
 DATA = DataConfig(source="pydoc", seq_len=32, tokens=1024, batch_size=16)
 runner = CliRunner()
-
-
-def logits(model, ids):
-    out = model(input_ids=ids)
-    return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
 @pytest.fixture
@@ -37,13 +32,13 @@ def test_every_family_expands_and_reloads_bit_identically(model_type, tokenizer,
     m = sparsify(tiny_model(model_type), tokenizer, PruneConfig("sparsegpt", 0.5), ExpansionConfig(4, pca_dim=4), DATA)
     layers = sparse_layers(m.model)
     assert len(layers) == 2 and all(l.spec["num_experts"] == 4 for l in layers)
-    before = logits(m.model, ids)
+    before = outputs(m.model, ids)
     moefy.save(m, tmp_path / "run")
     assert (tmp_path / "run" / "sparse_ffn.py").exists()
-    assert torch.equal(logits(moefy.load(tmp_path / "run").model, ids), before)
+    assert torch.equal(outputs(moefy.load(tmp_path / "run").model, ids), before)
     if model_type == "llama":
         remote = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run", trust_remote_code=True)
-        assert torch.equal(logits(remote, ids), before)
+        assert torch.equal(outputs(remote, ids), before)
 
 
 def test_one_expert_is_plain_sparsegpt(tokenizer):

@@ -6,6 +6,10 @@ dense FFN's as its top-k shrinks (the error curve, k = 0..E, with the layer's ow
 the experts), then spend the model's FFN FLOP budget where it removes the most error: a greedy
 allocation by marginal error reduction per FLOP, which is optimal when the curves are convex.
 
+Errors are compared across layers relative to each layer's own scale (the error with no routed
+expert, curve[0]): absolute errors give everything to the last layers, whose FFN outputs are
+largest, and starve the early ones (measured: 9.8x dense PPL against 3.0x uniform at 50%).
+
 # T tokens, D hidden, E routed experts, L layers
 """
 
@@ -41,6 +45,7 @@ def allocate(curves: list[list[float]], expert_flops: list[float], fixed_flops: 
     """Experts per layer: start every layer at min_k, then give one more expert at a time to the
     layer whose error falls most per FLOP, while the total stays within `budget` FLOPs.
     `fixed_flops` are each layer's router + shared-neuron FLOPs, `expert_flops` one expert's."""
+    curves = [[v / max(c[0], 1e-30) for v in c] for c in curves]  # relative to the layer's own scale
     ks = [min(min_k, len(c) - 1) for c in curves]
     spent = sum(f + k * e for f, k, e in zip(fixed_flops, ks, expert_flops))
     if spent > budget * (1 + 1e-9):

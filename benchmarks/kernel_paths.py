@@ -3,7 +3,7 @@
 Shows where each path wins (MoEFFN takes the kernels whenever they are available). Each row is one bench_ffn
 run (dense and MoE interleaved in one process, router included, 1 thread):
 
-    python benchmarks/kernel_paths.py runs/smol-384 --active 0.5 0.25 --tokens 1 8 64 256 2048
+    python benchmarks/kernel_paths.py runs/smol-384 --active 0.5 0.25 --tokens 1 8 64 256 2048 --out F.json
 """
 import argparse
 import json
@@ -20,6 +20,7 @@ p.add_argument("--active", type=float, nargs="+", default=[0.5, 0.25])
 p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 256, 2048])
 p.add_argument("--threads", type=int, default=1)
 p.add_argument("--paths", nargs="+", default=["kernels", "torch"], choices=["kernels", "torch"])
+p.add_argument("--torch-max-tokens", type=int, default=64, help="skip the torch path above this (minutes per row)")
 p.add_argument("--out")
 args = p.parse_args()
 torch.set_num_threads(args.threads)
@@ -35,6 +36,8 @@ for active in args.active:
         layers = None if tokens <= 64 else 4  # big calls: 4 layers are already far above the cache
         iters = 20 if tokens <= 64 else 3
         for path in args.paths:
+            if path == "torch" and tokens > args.torch_max_tokens:
+                continue
             moe_layer._KERNELS = kernels if path == "kernels" else None
             r = bench_ffn(m, inputs, tokens, layers, warmup=3, iters=iters, rounds=3)
             row = dict(active=active, tokens=tokens, path=path, layers=r["layers"], dense_ms=r["dense_ms"],

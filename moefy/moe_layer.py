@@ -276,10 +276,15 @@ class MoEFFN(nn.Module):
             return self.route(x)
         if self._mlp_router and x.shape[0] <= KERNEL_FUSED_MAX_TOKENS:
             return kern.mlp_topk(args, x.contiguous(), self.top_k)
-        return kern.topk(self.router.logits(x) if self._mlp_router else self._scores(x), self.top_k)
+        return kern.topk(self._rank_scores(x), self.top_k)
 
     def _scores(self, x):
         return self.expert_norms(x) if self.oracle else self.router(x)
+
+    def _rank_scores(self, x):
+        """Scores with the same top-k as _scores: an MLP router's raw logits (its output
+        transforms are monotone, so they are skipped)."""
+        return self.router.logits(x) if self._mlp_router and not self.oracle else self._scores(x)
 
     def _sparse(self, x):
         T = x.shape[0]
@@ -321,8 +326,7 @@ class MoEFFN(nn.Module):
             self.experts_selected += T * self.top_k
             if few and self._mlp_router and not self.oracle:
                 return kern.mlp_moe(args, x, self.top_k)
-            scores = self.router.logits(x) if self._mlp_router and not self.oracle else self._scores(x)
-            y = kern.experts(args, x, kern.topk(scores, self.top_k), shared=few)
+            y = kern.experts(args, x, kern.topk(self._rank_scores(x), self.top_k), shared=few)
         else:
             mask = select_experts(self._scores(x), self.top_k, self.tau)
             experts = mask.nonzero()[:, 1].contiguous()

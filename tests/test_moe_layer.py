@@ -56,7 +56,7 @@ def selection(moe, x):
     if moe._mlp_router and len(x) <= moe_layer.KERNEL_FUSED_MAX_TOKENS:
         idx = kern.mlp_topk(moe._kernel_args(kern), x, moe.top_k)
     else:
-        idx = kern.topk(moe.router.logits(x) if moe._mlp_router else moe.router(x), moe.top_k)
+        idx = kern.topk(moe._rank_scores(x), moe.top_k)
     return torch.zeros(len(x), moe.spec["num_experts"], dtype=torch.bool).scatter_(1, idx, True)
 
 

@@ -108,6 +108,59 @@ def eval_cmd(
 
 
 @app.command()
+def tune(
+    run: Path = typer.Argument(..., help="A folder written by `moefy convert`."),
+    out: Path = typer.Option(..., help="Output folder for the tuned model."),
+    data: str = typer.Option("wiki-sample:calib", help="Training text (as --calib)."),
+    minutes: Optional[float] = typer.Option(30.0, help="Wall-clock budget in minutes (with --tokens: whichever ends first)."),
+    tokens: Optional[int] = typer.Option(None, help="Token budget."),
+    lr: float = typer.Option(1e-4, help="Peak AdamW learning rate (cosine decay over the budget)."),
+    train: str = typer.Option("ffn", help="What learns: ffn (experts and shared neurons) or all (also attention, norms)."),
+    batch_size: int = typer.Option(4, help="Blocks per step."),
+    seq_len: int = typer.Option(256, help="Tokens per block."),
+    active: Optional[float] = typer.Option(None, help="Tune at this FFN compute share (default: the saved top-k)."),
+    tau: Optional[float] = typer.Option(None, help="Tune with dynamic-k at this threshold."),
+    checkpoint_minutes: float = typer.Option(5.0, help="Minutes between checkpoints (in OUT.tuning/)."),
+    resume: bool = typer.Option(False, help="Continue from the checkpoint in OUT.tuning/."),
+    seed: int = typer.Option(0, help="Seeds the data order."),
+    evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Evaluate against the source dense model after tuning."),
+    eval_data: str = typer.Option("wiki-sample:heldout", help="Held-out text for --eval."),
+    eval_tokens: int = typer.Option(8192, help="Held-out tokens for --eval."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the evaluation as JSON here."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+    verbose: bool = typer.Option(False, "-v", "--verbose"),
+):
+    """Recovery tuning: distil the MoE model toward the dense model within a time or token budget."""
+    _logging(verbose)
+
+    def body():
+        import shutil
+
+        from . import data as data_mod, save
+        from .io import check_target
+        from .tuning import TuneConfig, tune as tune_fn
+
+        if out.resolve() == run.resolve():
+            raise ConfigError("--out must differ from the input folder (the input is never modified)")
+        cfg = TuneConfig(data=data, seq_len=seq_len, batch_size=batch_size, minutes=minutes, tokens=tokens, lr=lr,
+                         train=train, checkpoint_minutes=checkpoint_minutes, seed=seed)
+        cfg.validate()
+        check_target(out, overwrite)
+        m = _open_run(run, json_out, overwrite, active=active, tau=tau)
+        heldout = data_mod.blocks(eval_data, m.tokenizer, seq_len, max_tokens=eval_tokens) if evaluate else None
+        checkpoint = out.parent / f"{out.name}.tuning"
+        record = tune_fn(m, cfg, checkpoint=checkpoint, resume=resume, progress=True)
+        save(m, out, overwrite=overwrite)
+        shutil.rmtree(checkpoint, ignore_errors=True)
+        typer.echo(f"saved {out} ({record['steps']} steps, {record['tokens_seen']} tokens, {record['seconds']:.0f} s; "
+                   f"KL {record['kl_first_10_steps']:.4f} -> {record['kl_last_10_steps']:.4f})")
+        if evaluate:
+            _report(m, heldout, eval_data, json_out)
+
+    _run(body)
+
+
+@app.command()
 def bench(
     run: Path = typer.Argument(..., help="A folder written by `moefy convert`."),
     output_json: Optional[Path] = typer.Option(None, "--output-json", help="Write the result as JSON here."),

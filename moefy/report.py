@@ -97,6 +97,7 @@ def build(m: MoEModel, name: str, inputs: Inputs, out, overwrite: bool = False) 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        tmp.chmod(0o755)  # mkdtemp's 0700 would make the published folder private
         page = Page(tmp)
         numbers = {"model": name, "settings": settings(m)}
         page.add(f"# moefy report: {name}", overview(m, name))
@@ -170,7 +171,7 @@ def overview(m: MoEModel, name: str) -> str:
     k = f"top-k {ks[0]}" if len(ks) == 1 else f"top-k {min(ks)}-{max(ks)} by layer"
     sel = f"dynamic-k, tau {s['tau']}" if s["tau"] is not None else k
     recall = [r.get("router_recall") for r in m.record.get("layers", []) if r.get("router_recall") is not None]
-    lines = [f"- base model: `{s['source']}` ({m.family.name}, {len(layers)} FFN layers)",
+    lines = [f"- base model: `{Path(str(s['source'])).name}` ({m.family.name}, {len(layers)} FFN layers)",
              f"- experts: {s['experts'][0]} routed experts of {s['expert_size']} neurons per layer, "
              f"{s['shared'][0]} shared neurons; grouping `{moe.get('method')}`, router `{moe.get('router')}`"
              + (f" ({moe.get('router_loss')})" if moe.get("router") == "mlp" else ""),
@@ -188,7 +189,7 @@ def quality_section(page: Page, m: MoEModel, inputs: Inputs) -> list[dict]:
 
     if inputs.sweep is not None:
         rows, where = inputs.sweep["rows"], inputs.sweep.get("eval_data", "")
-        source = (f"from the `moefy sweep` JSON given (variants built from `{inputs.sweep.get('model', '?')}` "
+        source = (f"from the `moefy sweep` JSON given (variants built from `{Path(str(inputs.sweep.get('model'))).name}` "
                   f"on {inputs.sweep.get('calib', '?')}, not this folder)")
     else:
         rows, where = measure_quality(m, inputs), inputs.data[0]
@@ -229,22 +230,33 @@ def measure_quality(m: MoEModel, inputs: Inputs) -> list[dict]:
 
 
 def routing_sections(page: Page, m: MoEModel, inputs: Inputs) -> dict:
-    """Usage heatmaps, routing consistency and specialisation, from one routing pass per domain."""
+    """Usage heatmaps, routing consistency and specialisation, from one routing pass per domain
+    (none for an analysis given as JSON)."""
     from .analysis import consistency, routes, specialisation
     from .data import blocks
 
-    masks = {}
-    need_spec = inputs.specialisation is None and len(inputs.data) >= 2
-    for i, spec in enumerate(inputs.data[:2]):
-        if i == 0 or need_spec:
-            ids = blocks(spec, m.tokenizer, inputs.seq_len, max_tokens=inputs.tokens)
-            masks[spec] = routes.routing_masks(m, ids)
-    numbers = {}
-    usage = {spec: routes.usage(ms) for spec, ms in masks.items()}
+    wanted = [] if inputs.consistency is not None else inputs.data[:1]
+    if inputs.specialisation is None and len(inputs.data) >= 2:
+        wanted = inputs.data[:2]
+    masks = {spec: routes.routing_masks(m, blocks(spec, m.tokenizer, inputs.seq_len, max_tokens=inputs.tokens))
+             for spec in wanted}
+    spec_result = inputs.specialisation
+    if spec_result is None and len(masks) == 2:
+        spec_result = specialisation.analyse(masks)
+    if spec_result is not None:  # the heatmaps from the same tokens as the specialisation
+        usage = {d: torch.tensor([r["usage"][d] for r in spec_result["layers"]]) for d in spec_result["domains"]}
+        where = "on " + " and ".join(f"{n} tokens of {d}" for d, n in spec_result["tokens"].items())
+    else:
+        usage = {spec: routes.usage(ms) for spec, ms in masks.items()}
+        where = f"on {inputs.tokens} tokens of {inputs.data[0]}"
+    balanced = ""
+    if all(l.top_k is not None and l.tau is None for l in m.layers):
+        share = sum(l.top_k / l.spec["num_experts"] for l in m.layers) / len(m.layers)
+        balanced = f" Perfectly balanced routing would put every expert at k / E = {share:.2f}."
     fig = page.figure("usage.png", lambda p: usage_plot(usage, p), "expert usage heatmaps")
-    page.add("## Expert usage", "Share of tokens that select each routed expert, per layer, experts sorted by "
-             "usage within each layer (the model's saved routing).", fig, usage_table(usage))
-    numbers["usage"] = {spec: {"layers": usage_summary(u)} for spec, u in usage.items()}
+    page.add("## Expert usage", f"Share of tokens that select each routed expert, per layer, experts sorted by "
+             f"usage within each layer, {where} (the model's saved routing).{balanced}", fig, usage_table(usage))
+    numbers = {"usage": {spec: {"layers": usage_summary(u)} for spec, u in usage.items()}}
 
     result = inputs.consistency
     if result is None:
@@ -259,22 +271,19 @@ def routing_sections(page: Page, m: MoEModel, inputs: Inputs) -> dict:
              "used least in the rest of the segment; LRU: a plain LRU cache of the same size. Means over layers.",
              fig, consistency.markdown(result))
 
-    spec_result = inputs.specialisation
-    if spec_result is None and len(masks) == 2:
-        spec_result = specialisation.analyse(masks)
-    if spec_result is not None:
-        numbers["specialisation"] = spec_result
-        a, b = spec_result["domains"]
-        fig = page.figure("specialisation.png", lambda p: specialisation.plot(spec_result, p), "specialisation")
-        page.add("## Specialisation by domain",
-                 f"{a} vs {b}: which experts each domain's tokens select, compared per layer; in brackets and dotted "
-                 "the same comparison between two halves of one domain (the noise floor). Jaccard of each domain's "
-                 "top-k experts; Jensen-Shannon divergence (base 2) and total variation between the usage "
-                 f"distributions; the share of each domain's selections that {a}'s top-k set holds; experts "
-                 "selected at least twice as often in one domain (among those used by 1% of tokens).",
-                 fig, specialisation.markdown(spec_result))
-    else:
+    if spec_result is None:
         page.add("## Specialisation by domain", "Not computed: give two --data texts.")
+        return numbers
+    numbers["specialisation"] = spec_result
+    a, b = spec_result["domains"]
+    fig = page.figure("specialisation.png", lambda p: specialisation.plot(spec_result, p), "specialisation")
+    page.add("## Specialisation by domain",
+             f"{a} vs {b}: which experts each domain's tokens select, compared per layer; in brackets and dotted "
+             "the same comparison between two halves of one domain (the noise floor). Jaccard of each domain's "
+             "top-k experts; Jensen-Shannon divergence (base 2) and total variation between the usage "
+             f"distributions; the share of each domain's selections that {a}'s top-k set holds; experts "
+             "selected at least twice as often in one domain (among those used by 1% of tokens).",
+             fig, specialisation.markdown(spec_result))
     return numbers
 
 
@@ -331,7 +340,7 @@ def wasserstein_section(page: Page, result: dict):
                      f"{_mean([r['p90'] for r in rows]):.3f} | {max(r['max'] for r in rows):.3f} |")
     text = ("W1 distance of each dense FFN neuron's standardised pre-activation to N(0, 1), on "
             f"{result.get('calibration', {}).get('tokens', '?')} calibration tokens (`moefy analyze wasserstein` on "
-            f"`{result.get('source', '?')}`).")
+            f"`{Path(str(result.get('source', '?'))).name}`).")
     e = result.get("experiment")
     if e:
         text += (f" Input rows of {e['share']:.0%} of each layer's neurons pruned to {e['sparsity']:.0%}: perplexity "

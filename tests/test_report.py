@@ -5,8 +5,10 @@ import json
 import re
 from pathlib import Path
 
+import torch
 from typer.testing import CliRunner
 
+from moefy.analysis import consistency, specialisation
 from moefy.cli import app
 
 RESULTS = Path(__file__).parent.parent / "benchmarks" / "results"
@@ -36,23 +38,24 @@ def test_report_measured(tiny_run, tmp_path):
 
 
 def test_report_from_json_files(tiny_run, tmp_path):
-    """Sweep, bench and Wasserstein JSONs as the real commands wrote them; the analyses from JSON too."""
+    """Sweep, bench and Wasserstein JSONs as the real commands wrote them; the analyses from JSON
+    too (so the report runs no model pass at all)."""
+    g = torch.Generator().manual_seed(0)
+    route = lambda B: torch.zeros(B, 32, 8, dtype=torch.bool).scatter_(  # noqa: E731
+        -1, torch.randn(B, 32, 8, generator=g).topk(3, -1).indices, True)
     c, s = tmp_path / "c.json", tmp_path / "s.json"
-    runner = CliRunner()
-    assert runner.invoke(app, ["analyze", "consistency", str(tiny_run), "--data", "pydoc:heldout", "--tokens", "512",
-                               "--seq-len", "64", "--m", "4", "--json", str(c), "--plot", str(tmp_path / "c.png")]).exit_code == 0
-    assert runner.invoke(app, ["analyze", "specialisation", str(tiny_run), "--data", "pydoc:heldout", "--data",
-                               "pydoc:calib", "--tokens", "512", "--seq-len", "32", "--json", str(s),
-                               "--plot", str(tmp_path / "s.png")]).exit_code == 0
+    c.write_text(json.dumps({"data": "x", **consistency.analyse([route(2), route(2)], segments=(4, 8))}))
+    s.write_text(json.dumps(specialisation.analyse({"a": [route(2), route(2)], "b": [route(2), route(2)]})))
     out = tmp_path / "report"
-    r = runner.invoke(app, ["report", str(tiny_run), "--out", str(out), *FAST, "--sweep", str(RESULTS / "sweep_wiki.json"),
-                            "--bench", str(RESULTS / "bench_smol384_a50_t1.json"),
-                            "--wasserstein", str(RESULTS / "wasserstein.json"),
-                            "--consistency", str(c), "--specialisation", str(s)])
+    r = CliRunner().invoke(app, ["report", str(tiny_run), "--out", str(out), *FAST, "--sweep", str(RESULTS / "sweep_wiki.json"),
+                                 "--bench", str(RESULTS / "bench_smol384_a50_t1.json"),
+                                 "--wasserstein", str(RESULTS / "wasserstein.json"),
+                                 "--consistency", str(c), "--specialisation", str(s)])
     assert r.exit_code == 0, r.output
     md = (out / "report.md").read_text()
     assert "## Wasserstein neurons" in md and "## Speed" in md and "tok/s" in md
     assert "coactivation/mlp 384+0.1 shared" in md  # the sweep's variants, not measured points
+    assert "| 8 |" in md and "a vs b" in md  # the analyses' own numbers
     assert (out / "wasserstein.png").exists()
     assert (out / "report.html").read_text().count("data:image/png;base64,") == 5
 

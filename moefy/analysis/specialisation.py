@@ -95,15 +95,15 @@ def plot(result: dict, path, title: str = ""):
     x = [r["layer"] for r in layers]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     ax = axes[0]
-    for key, label, c in (("js", "Jensen-Shannon divergence", "C0"), ("tv", "total variation", "C1")):
-        ax.plot(x, [r[key] for r in layers], "o-", ms=3, color=c, label=f"{label}: {a} vs {b}")
-        ax.plot(x, [r["within"][key] for r in layers], ":", color=c, label=f"{label}: halves of one domain")
-    ax.set(xlabel="layer", ylabel="distance between usage distributions", title="Usage distributions")
+    for key, label, c in (("js", "Jensen-Shannon", "C0"), ("tv", "total variation", "C1")):
+        ax.plot(x, [r[key] for r in layers], "o-", ms=3, color=c, label=label)
+        ax.plot(x, [r["within"][key] for r in layers], ":", color=c, label=f"{label}, within a domain")
+    ax.set(xlabel="layer", ylabel="distance between usage distributions", title="Usage distributions: domain vs domain")
     ax.set_ylim(bottom=0)
     ax.legend(fontsize=7)
     ax = axes[1]
-    ax.plot(x, [r["jaccard"] for r in layers], "o-", ms=3, label=f"{a} vs {b}")
-    ax.plot(x, [r["within"]["jaccard"] for r in layers], ":", color="C0", label="halves of one domain")
+    ax.plot(x, [r["jaccard"] for r in layers], "o-", ms=3, label="between the domains")
+    ax.plot(x, [r["within"]["jaccard"] for r in layers], ":", color="C0", label="within a domain (halves)")
     ax.set(xlabel="layer", ylabel="Jaccard", ylim=(0, 1.02), title="Top-k experts of each domain: overlap")
     ax.legend(fontsize=8)
     ax = axes[2]
@@ -114,8 +114,7 @@ def plot(result: dict, path, title: str = ""):
     ax.legend(fontsize=8)
     for ax in axes:
         ax.grid(True, alpha=0.3)
-    if title:
-        fig.suptitle(title, fontsize=10)
+    fig.suptitle(f"{title + ': ' if title else ''}{a} vs {b}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -124,7 +123,8 @@ def plot(result: dict, path, title: str = ""):
 def markdown(result: dict) -> str:
     """The comparison by depth (thirds of the layers), as a Markdown table."""
     a, b = result["domains"]
-    lines = [f"| layers | Jaccard top-k (within) | JS (within) | TV (within) | {a} top-k holds of {a} / {b} | leaning experts |",
+    lines = [f"| layers | Jaccard top-k (within) | JS (within) | TV (within) | held by {a}'s top-k: of {a} / of {b} "
+             "| leaning experts |",
              "|---|---|---|---|---|---|"]
     for d in result["by_depth"]:
         lines.append(f"| {d['layers'][0]}-{d['layers'][1]} | {d['jaccard']:.3f} ({d['within_jaccard']:.3f}) | "

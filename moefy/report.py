@@ -235,9 +235,12 @@ def routing_sections(page: Page, m: MoEModel, inputs: Inputs) -> dict:
     from .analysis import consistency, routes, specialisation
     from .data import blocks
 
-    wanted = [] if inputs.consistency is not None else inputs.data[:1]
     if inputs.specialisation is None and len(inputs.data) >= 2:
-        wanted = inputs.data[:2]
+        wanted = inputs.data[:2]  # specialisation, and consistency and usage from the first
+    elif inputs.consistency is None or inputs.specialisation is None:
+        wanted = inputs.data[:1]  # consistency and / or the usage heatmap
+    else:
+        wanted = []  # both given: the heatmaps come from the specialisation JSON
     masks = {spec: routes.routing_masks(m, blocks(spec, m.tokenizer, inputs.seq_len, max_tokens=inputs.tokens))
              for spec in wanted}
     spec_result = inputs.specialisation

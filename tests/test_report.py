@@ -58,6 +58,11 @@ def test_report_from_json_files(tiny_run, tmp_path):
     assert "| 8 |" in md and "a vs b" in md  # the analyses' own numbers
     assert (out / "wasserstein.png").exists()
     assert (out / "report.html").read_text().count("data:image/png;base64,") == 5
+    one = tmp_path / "one"  # one text: usage measured, consistency from the JSON, no specialisation
+    r = CliRunner().invoke(app, ["report", str(tiny_run), "--out", str(one), "--data", "pydoc:heldout", "--tokens",
+                                 "256", "--sweep", str(RESULTS / "sweep_wiki.json"), "--consistency", str(c)])
+    assert r.exit_code == 0, r.output
+    assert "give two --data texts" in (one / "report.md").read_text() and (one / "usage.png").exists()
 
 
 def test_report_bad_inputs(tiny_run, tmp_path):

@@ -354,7 +354,7 @@ def _report_pruned(m, blocks, data, json_out, dense_ppl=None):
         write_json(json_out, result)
 
 
-analyze_app = typer.Typer(no_args_is_help=True, help="Analyses of a dense model's neurons.")
+analyze_app = typer.Typer(no_args_is_help=True, help="Analyses of a dense model's neurons or a converted model's routing.")
 app.add_typer(analyze_app, name="analyze")
 
 
@@ -391,7 +391,7 @@ def wasserstein_cmd(
         result, distances = wasserstein.analyse(loaded.model, loaded.tokenizer, DataConfig(
             source=calib, seq_len=seq_len, tokens=calib_tokens), heldout, share=share, sparsity=sparsity)
         result["source"] = loaded.source
-        _write_plot(wasserstein, distances, plot_out, Path(loaded.source).name)
+        _write_plot(wasserstein.plot, distances, plot_out, f"Wasserstein neurons: {Path(loaded.source).name}")
         write_json(json_out, result, overwrite=overwrite)
         for row in result["layers"]:
             typer.echo(f"layer {row['layer']:>2}: W1 mean {row['mean']:.3f}  p90 {row['p90']:.3f}  max {row['max']:.3f}")
@@ -404,14 +404,133 @@ def wasserstein_cmd(
     _run(body)
 
 
-def _write_plot(wasserstein, distances, path: Path, title: str):
+def _write_plot(plot, data, path: Path, title: str):
     """The PNG through a temporary file and one rename, like every other output."""
     import os
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp.png"
-    wasserstein.plot(distances, tmp, title=f"Wasserstein neurons: {title}")
-    os.replace(tmp, path)
+    try:
+        plot(data, tmp, title=title)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@analyze_app.command("consistency")
+def consistency_cmd(
+    run: Path = typer.Argument(..., help="A folder written by `moefy convert`."),
+    data: str = typer.Option("wiki-sample:heldout", help="Text the routing is recorded on."),
+    tokens: int = typer.Option(8192, help="Tokens (whole blocks)."),
+    seq_len: int = typer.Option(512, help="Tokens per block; segments never cross blocks, so >= the longest --m."),
+    m: list[int] = typer.Option([4, 16, 64, 256], "--m", help="Segment lengths in tokens; repeat the flag."),
+    rho: list[float] = typer.Option([1.0, 2.0, 4.0], "--rho", help="Cache sizes as multiples of k; repeat the flag."),
+    active: Optional[float] = typer.Option(None, help="Override: fixed top-k per layer for this FFN compute share."),
+    top_k: Optional[int] = typer.Option(None, help="Override the saved fixed top-k."),
+    tau: Optional[float] = typer.Option(None, help="Override with dynamic-k at this threshold."),
+    json_out: Path = typer.Option(Path("runs/consistency.json"), "--json", help="Per-layer SRP and SCH (JSON)."),
+    plot_out: Path = typer.Option(Path("runs/consistency.png"), "--plot", help="The plot (PNG)."),
+    overwrite: bool = typer.Option(False, help="Replace existing --json / --plot files."),
+):
+    """Local routing consistency (moe-lrc): SRP and SCH per layer and segment length."""
+    _logging(False)
+
+    def body():
+        from . import data as data_mod
+        from .analysis import consistency, routes
+        from .io import check_target, write_json
+
+        check_target(json_out, overwrite)
+        check_target(plot_out, overwrite)
+        consistency.check(seq_len, m, rho)
+        model = _open_run(run, json_out, overwrite, active=active, top_k=top_k, tau=tau)
+        blocks = data_mod.blocks(data, model.tokenizer, seq_len, max_tokens=tokens)
+        result = {"run": str(run), "data": data, **consistency.analyse(routes.routing_masks(model, blocks), m, rho)}
+        _write_plot(consistency.plot, result, plot_out, f"Routing consistency: {run.name}, {data}")
+        write_json(json_out, result, overwrite=overwrite)
+        typer.echo(consistency.markdown(result))
+        typer.echo(f"wrote {json_out} and {plot_out}")
+
+    _run(body)
+
+
+@analyze_app.command("specialisation")
+def specialisation_cmd(
+    run: Path = typer.Argument(..., help="A folder written by `moefy convert`."),
+    data: list[str] = typer.Option(["wiki-sample:heldout", "pydoc:heldout"], help="Two text domains; give the flag twice."),
+    tokens: int = typer.Option(8192, help="Tokens per domain (the larger domain is cut to the smaller's blocks)."),
+    seq_len: int = typer.Option(256, help="Tokens per block."),
+    active: Optional[float] = typer.Option(None, help="Override: fixed top-k per layer for this FFN compute share."),
+    top_k: Optional[int] = typer.Option(None, help="Override the saved fixed top-k."),
+    tau: Optional[float] = typer.Option(None, help="Override with dynamic-k at this threshold."),
+    json_out: Path = typer.Option(Path("runs/specialisation.json"), "--json", help="Per-layer usage and overlap (JSON)."),
+    plot_out: Path = typer.Option(Path("runs/specialisation.png"), "--plot", help="The plot (PNG)."),
+    overwrite: bool = typer.Option(False, help="Replace existing --json / --plot files."),
+):
+    """Which experts two text domains use per layer, their overlap, and how it changes with depth."""
+    _logging(False)
+
+    def body():
+        from . import data as data_mod
+        from .analysis import routes, specialisation
+        from .io import check_target, write_json
+
+        if len(data) != 2 or data[0] == data[1]:
+            raise ConfigError(f"give exactly two different --data texts, got {data}")
+        check_target(json_out, overwrite)
+        check_target(plot_out, overwrite)
+        model = _open_run(run, json_out, overwrite, active=active, top_k=top_k, tau=tau)
+        texts = {d: data_mod.blocks(d, model.tokenizer, seq_len, max_tokens=tokens) for d in data}
+        result = {"run": str(run), **specialisation.analyse({d: routes.routing_masks(model, t) for d, t in texts.items()})}
+        _write_plot(specialisation.plot, result, plot_out, f"Specialisation: {run.name}")
+        write_json(json_out, result, overwrite=overwrite)
+        typer.echo(specialisation.markdown(result))
+        typer.echo(f"wrote {json_out} and {plot_out}")
+
+    _run(body)
+
+
+@app.command()
+def report(
+    run: Path = typer.Argument(..., help="A folder written by `moefy convert`."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default: RUN-report beside RUN)."),
+    data: list[str] = typer.Option(["wiki-sample:heldout", "pydoc:heldout"],
+                                   help="Texts: the first for quality and consistency, the first two for specialisation."),
+    tokens: int = typer.Option(8192, help="Tokens per text for the routing analyses."),
+    seq_len: int = typer.Option(512, help="Tokens per block for the routing analyses."),
+    active: list[float] = typer.Option([0.25, 0.5, 0.75], help="FFN compute shares of the quality points; repeat the flag."),
+    m: list[int] = typer.Option([4, 16, 64, 256], "--m", help="Consistency: segment lengths in tokens; repeat the flag."),
+    rho: list[float] = typer.Option([1.0, 2.0, 4.0], "--rho", help="Consistency: cache sizes as multiples of k."),
+    eval_tokens: int = typer.Option(8192, help="Held-out tokens per quality point."),
+    sweep_json: Optional[Path] = typer.Option(None, "--sweep", help="A `moefy sweep` sweep.json: its curves instead."),
+    bench_json: Optional[Path] = typer.Option(None, "--bench", help="A `moefy bench --output-json` file."),
+    wasserstein_json: Optional[Path] = typer.Option(None, "--wasserstein", help="A `moefy analyze wasserstein` JSON."),
+    consistency_json: Optional[Path] = typer.Option(None, "--consistency", help="A `moefy analyze consistency` JSON."),
+    specialisation_json: Optional[Path] = typer.Option(None, "--specialisation",
+                                                       help="A `moefy analyze specialisation` JSON."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+    verbose: bool = typer.Option(False, "-v", "--verbose"),
+):
+    """One page on a converted model: report.md with its PNGs, and a self-contained report.html."""
+    _logging(verbose)
+
+    def body():
+        from . import load
+        from . import report as report_mod
+        from .io import check_target
+
+        target = out if out is not None else run.parent / f"{run.name}-report"
+        check_target(target, overwrite)
+        files = {"sweep": sweep_json, "bench": bench_json, "wasserstein": wasserstein_json,
+                 "consistency": consistency_json, "specialisation": specialisation_json}
+        loaded = {k: report_mod.read_json(p, k) for k, p in files.items() if p is not None}
+        inputs = report_mod.Inputs(data=list(data), tokens=tokens, seq_len=seq_len, eval_tokens=eval_tokens,
+                                   actives=list(active), segments=list(m), ratios=list(rho), **loaded)
+        report_mod.check(inputs)
+        report_mod.build(load(run), run.name, inputs, target, overwrite=overwrite)
+        typer.echo(f"wrote {target}/report.md, report.html")
+
+    _run(body)
 
 
 def _open_run(run, json_out, overwrite, active=None, top_k=None, tau=None):

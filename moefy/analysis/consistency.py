@@ -196,7 +196,7 @@ def plot(result: dict, path, title: str = ""):
         label = f"cache {key} x k" + (" (all experts)" if all(r["sch"][key]["all_experts"] for r in layers) else "")
         ax.plot(x, [r["sch"][key]["m"][str(m_mid)] for r in layers], "o-", ms=3, color=c, label=label)
         ax.plot(x, [r["sch"][key]["lru"] for r in layers], ":", color=c)
-    ax.set(xlabel="layer", ylabel=f"hit rate", ylim=(0, 1.02), title=f"SCH by layer, m = {m_mid} (dotted: LRU)")
+    ax.set(xlabel="layer", ylabel="hit rate", ylim=(0, 1.02), title=f"SCH by layer, m = {m_mid} (dotted: LRU)")
     ax.legend(fontsize=8)
     ax = axes[2]
     model = result["model"]

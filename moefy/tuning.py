@@ -157,6 +157,8 @@ def tune(m: MoEModel, cfg: TuneConfig = TuneConfig(), checkpoint: str | os.PathL
             state["losses"].append(loss)
             bar.n = round(100 * cfg.budget_used(state["seconds"], state["tokens"]))
             bar.set_postfix(loss=f"{loss:.4f}", step=state["step"])
+            log.info("step %d: KL %.4f, lr %.2e, %d tokens, %.0f s", state["step"], loss, lr, state["tokens"],
+                     state["seconds"])
             if on_step is not None:
                 on_step(state["step"], loss)
             if ckpt is not None and time.monotonic() - last_ckpt > 60 * cfg.checkpoint_minutes:

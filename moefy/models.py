@@ -102,6 +102,8 @@ def _unreadable(path: Path):
     """Truncated or corrupted weights / tokenizer files: one line naming the file's folder."""
     try:
         yield
+    except MemoryError:
+        raise
     except Exception as exc:  # noqa: BLE001  (safetensors, json, tokenizers, gguf all raise their own)
         raise ModelLoadError(f"cannot load {path}: {type(exc).__name__}: {exc}".splitlines()[0]
                              + "; check that its files are complete and belong together") from exc

@@ -54,7 +54,7 @@ def convert(
     _logging(verbose)
 
     def body():
-        from . import convert as convert_fn, models, save
+        from . import convert as convert_fn, distributed, models, save
         from . import data as data_mod
         from .config import DataConfig, MoEConfig
         from .io import check_target
@@ -70,7 +70,10 @@ def convert(
         data_cfg.validate()
         loaded = models.load(model)
         heldout = data_mod.blocks(eval_data, loaded.tokenizer, seq_len, max_tokens=eval_tokens) if evaluate else None
-        m = convert_fn(loaded, moe=moe_cfg, data=data_cfg, progress=True)
+        with distributed.session():  # under torchrun: data-parallel calibration, rank 0 writes
+            m = convert_fn(loaded, moe=moe_cfg, data=data_cfg, progress=distributed.is_main())
+            if not distributed.is_main():
+                return
         save(m, out, overwrite=overwrite)
         typer.echo(f"saved {out}")
         if evaluate:
@@ -196,6 +199,24 @@ def bench(
         typer.echo(json.dumps(result, indent=1))
         if output_json is not None:
             write_json(output_json, result)
+
+    _run(body)
+
+
+@app.command("lm-eval-task")
+def lm_eval_task_cmd(
+    data: str = typer.Argument("wiki-sample:heldout", help="Text: wiki-sample, pydoc (with :heldout ...), .txt or .jsonl."),
+    out: Path = typer.Option(..., help="Folder for NAME.yaml and NAME.jsonl (lm_eval --include_path)."),
+    name: Optional[str] = typer.Option(None, help="Task name (default: moefy_ + the data spec)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+):
+    """Write a local lm-evaluation-harness perplexity task over moefy text (no hub needed)."""
+    def body():
+        from .lm_eval_task import write_task
+
+        folder, task = write_task(data, out, name, overwrite)
+        typer.echo(f"wrote {folder}; score a saved folder with:\n  lm_eval --model hf --model_args "
+                   f"pretrained=FOLDER,trust_remote_code=True --include_path {folder} --tasks {task}")
 
     _run(body)
 

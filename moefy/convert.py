@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data as data_mod
+from . import distributed
 from . import models
 from .arch import Family, family_for
 from .budget import allocate, error_curve
@@ -149,10 +150,12 @@ def calibrate(model, tokenizer, moe: MoEConfig, data: DataConfig, progress: bool
     data.validate()
     calib_blocks = data_mod.blocks(data.source, tokenizer, data.seq_len, max_tokens=data.tokens,
                                    min_tokens=MIN_CALIB_TOKENS.get(moe.router, data.seq_len))
-    stats = Calibration(profile(model, family, calib_blocks, batch_size=data.batch_size,
-                                marker_share=moe.marker_share, coactivation=moe.method in NEEDS_COACTIVATION,
-                                keep_inputs=data.tokens, progress=progress))
-    stats.record = {**data.__dict__, "tokens_used": calib_blocks.numel()}
+    stats = Calibration(profile(model, family, distributed.shard(calib_blocks, data.batch_size),
+                                batch_size=data.batch_size, marker_share=moe.marker_share,
+                                coactivation=moe.method in NEEDS_COACTIVATION, keep_inputs=data.tokens,
+                                progress=progress))
+    distributed.reduce(stats)  # torchrun: every rank now holds the statistics of all batches
+    stats.record = {**data.__dict__, "tokens_used": calib_blocks.numel(), "processes": distributed.world()[1]}
     return stats
 
 

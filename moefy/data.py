@@ -113,6 +113,9 @@ def blocks(spec: str, tokenizer, seq_len: int, max_tokens: int | None = None,
     have = n_blocks * seq_len
     if n_blocks == 0 or (min_tokens and have < min_tokens):
         need = max(min_tokens or 0, seq_len)
+        if len(ids) >= need:  # the text has enough; the requested count is the problem
+            raise DataError(f"{max_tokens} tokens requested from {spec!r}, fewer than the {need} needed; "
+                            f"ask for at least {need} tokens")
         raise DataError(f"{spec!r} gives {len(ids)} tokens, fewer than the {need} needed "
                         f"(blocks of {seq_len}); give more text or lower --seq-len / the token count")
     return torch.tensor(ids[:have]).view(n_blocks, seq_len)

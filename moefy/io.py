@@ -21,6 +21,7 @@ from . import __version__
 from .convert import MoEModel
 from .errors import ModelLoadError, OutputExists
 from .modeling_moefy import PREFIX, base_class, moefy_class
+from .models import check_vocabulary
 
 RECORD = "moefy.json"
 REMOTE_CODE = ("modeling_moefy.py", "moe_layer.py", "sparse_ffn.py")
@@ -72,7 +73,9 @@ def load(folder: str | os.PathLike) -> MoEModel:
         model = cls.from_pretrained(folder, dtype=torch.float32)
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     except Exception as exc:  # noqa: BLE001  (truncated or corrupted weights: one clear message)
-        raise ModelLoadError(f"cannot load {folder}: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
+        raise ModelLoadError(f"cannot load {folder}: {type(exc).__name__}: {exc}".splitlines()[0]
+                             + "; the folder is damaged or incomplete: restore it or convert again") from exc
+    check_vocabulary(model, tokenizer, folder)
     return MoEModel(model.eval().requires_grad_(False), tokenizer, record)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 from dataclasses import dataclass
@@ -71,11 +72,12 @@ def _load_gguf(path: Path, dtype) -> LoadedModel:
     from transformers import GgufConfig
 
     kw = dict(gguf_file=path.name)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, **kw)
-    # dequantize=True gives plain float weights, which save_pretrained accepts.
-    model = AutoModelForCausalLM.from_pretrained(
-        path.parent, quantization_config=GgufConfig(dequantize=True), dtype=dtype, **kw)
-    return LoadedModel(_ready(model), tokenizer, str(path))
+    with _unreadable(path):
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, **kw)
+        # dequantize=True gives plain float weights, which save_pretrained accepts.
+        model = AutoModelForCausalLM.from_pretrained(
+            path.parent, quantization_config=GgufConfig(dequantize=True), dtype=dtype, **kw)
+    return LoadedModel(_ready(model, tokenizer, path), tokenizer, str(path))
 
 
 def _load_folder(path: Path, dtype) -> LoadedModel:
@@ -89,14 +91,43 @@ def _load_folder(path: Path, dtype) -> LoadedModel:
         raise ModelLoadError(f"{path} is already a moefy model; load it with moefy.load()")
     family = family_for(config)
     auto = AutoModelForCausalLM if family.causal else AutoModel
-    model = auto.from_pretrained(path, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return LoadedModel(_ready(model), tokenizer, str(path))
+    with _unreadable(path):
+        model = auto.from_pretrained(path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    return LoadedModel(_ready(model, tokenizer, path), tokenizer, str(path))
 
 
-def _ready(model):
+@contextlib.contextmanager
+def _unreadable(path: Path):
+    """Truncated or corrupted weights / tokenizer files: one line naming the file's folder."""
+    try:
+        yield
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (safetensors, json, tokenizers, gguf all raise their own)
+        raise ModelLoadError(f"cannot load {path}: {type(exc).__name__}: {exc}".splitlines()[0]
+                             + "; check that its files are complete and belong together") from exc
+
+
+def check_vocabulary(model, tokenizer, where) -> None:
+    """Every id the tokenizer gives for text (its non-special tokens, and the EOS that joins
+    documents) must index the model's embedding; a tokenizer from another model fails here
+    instead of as an IndexError deep in the forward pass."""
+    rows = model.get_input_embeddings().num_embeddings
+    special = set(tokenizer.all_special_tokens)
+    ids = [i for t, i in tokenizer.get_vocab().items() if t not in special]
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    top = max(ids, default=-1)
+    if top >= rows:
+        raise ModelLoadError(f"the tokenizer of {where} gives token ids up to {top}, but the model's embedding has "
+                             f"{rows} rows: the tokenizer does not belong to this model; use the model's own tokenizer")
+
+
+def _ready(model, tokenizer, where):
     family_for(model.config)
+    check_vocabulary(model, tokenizer, where)
     return model.eval().requires_grad_(False)
 
 
-__all__ = ["BUILTIN", "LoadedModel", "ModelLoadError", "load", "resolve", "gguf_architecture"]
+__all__ = ["BUILTIN", "LoadedModel", "ModelLoadError", "check_vocabulary", "load", "resolve", "gguf_architecture"]

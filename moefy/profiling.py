@@ -71,6 +71,10 @@ class FFNStats:
         """The kept FFN inputs, [N, D]."""
         return torch.cat(self._inputs) if self._inputs else torch.empty(0)
 
+    @inputs.setter
+    def inputs(self, x: torch.Tensor):  # distributed.reduce: the inputs gathered from every rank
+        self._inputs, self._kept = [x], x.shape[0]
+
 
 @contextlib.contextmanager
 def capture(model, family: Family, stats: list[FFNStats]):

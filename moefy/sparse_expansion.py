@@ -25,7 +25,7 @@ from . import data as data_mod
 from .arch import DenseFFN, Family, family_for
 from .config import DataConfig
 from .convert import MoEModel
-from .errors import ConfigError
+from .errors import ConfigError, NonFiniteActivations
 from .modeling_moefy import install_moe
 from .pruning import InputStats, PruneConfig, prune, reconstruction_error
 from .sparse_ffn import ACTIVATIONS, SparseExpertFFN, nearest_centroid
@@ -90,6 +90,8 @@ def sparsify(model, tokenizer, prune_cfg: PruneConfig, expansion: ExpansionConfi
     layers, reports = [], []
     for i, block in enumerate(tqdm(family.block_list(model), desc="pruning", disable=None if progress else True)):
         x = ffn_inputs(block, family, states)  # [N, D]
+        if not torch.isfinite(x).all():
+            raise NonFiniteActivations(f"NaN or Inf in the FFN inputs of layer {i}; check the model weights and --dtype")
         layer, report = expand_ffn(family.dense_ffn(block, model.config), x, prune_cfg, expansion, expansion.seed + i)
         block.set_submodule(family.ffn, layer)
         for path in family.identity:

@@ -77,6 +77,7 @@ def test_dynamic_k_and_set_routing(tokenizer, ids):
         m.set_routing(top_k=9)
 
 
+@pytest.mark.compat
 def test_save_load_identical(model_type, tokenizer, tmp_path, ids):
     model = tiny_model(model_type)
     m = moefy.convert(model, moe=fast_cfg(shared=0.25, active=0.75), data=DATA, tokenizer=tokenizer)

@@ -28,6 +28,7 @@ def ids():
     return torch.randint(5, 300, (2, 24), generator=torch.Generator().manual_seed(0))
 
 
+@pytest.mark.compat
 def test_every_family_expands_and_reloads_bit_identically(model_type, tokenizer, ids, tmp_path):
     m = sparsify(tiny_model(model_type), tokenizer, PruneConfig("sparsegpt", 0.5), ExpansionConfig(4, pca_dim=4), DATA)
     layers = sparse_layers(m.model)

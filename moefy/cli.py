@@ -416,5 +416,7 @@ def _logging(verbose: bool):
         transformers.logging.disable_progress_bar()
 
 
+from . import cli_inference  # noqa: E402,F401  (registers analyze pregate / offload / core)
+
 if __name__ == "__main__":
     app()

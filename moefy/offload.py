@@ -284,9 +284,7 @@ class OffloadRun:
     trace: list[list[tuple]] = field(default_factory=list)  # per layer, per step: (selected, predicted)
 
     def summary(self, store: ExpertStore) -> dict:
-        total = CacheStats()
-        for s in self.stats:
-            total = total.add(s)
+        total = _sum(self.stats)
         steps = len(self.step_s)
         return {"policy": self.policy, "cache_factor": self.cache_factor, "capacity_mean": statistics.mean(self.capacity),
                 **total.to_dict(), "hit_rate_per_layer": [s.hit_rate for s in self.stats],
@@ -341,3 +339,69 @@ def run(m: MoEModel, store: ExpertStore, prompt: torch.Tensor, new_tokens: int, 
         pool.shutdown()
     return OffloadRun("lru+lookahead" if prefetch else "lru", cache_factor, capacity, tokens, times,
                       [w.cache.stats for w in wrappers], [w.trace for w in wrappers])
+
+
+def read_speed(store: ExpertStore, reads: int = 256, seed: int = 0) -> dict:
+    """Cold reads of random experts from the store: microseconds per expert and MB/s."""
+    g = torch.Generator().manual_seed(seed)
+    layers = store.path.stat().st_size // (store.E * store.stride)
+    picks = torch.randint(layers * store.E, (reads,), generator=g).tolist()
+    buf = store.buffer()
+    start = time.perf_counter()
+    for p in picks:
+        store.read(p // store.E, p % store.E, buf)
+    s = time.perf_counter() - start
+    return {"reads": reads, "us_per_expert": 1e6 * s / reads, "mb_s": reads * store.stride / s / 2**20,
+            "expert_bytes": store.stride, "o_direct": store.direct}
+
+
+def analyse(m: MoEModel, prompts: torch.Tensor, new_tokens: int, factors: list[float],
+            predictors: list[MLPRouter | None], folder: str | os.PathLike) -> dict:
+    """Greedy decode of each prompt [P, L] resident and offloaded (LRU, LRU + lookahead) at
+    every cache factor: hit rates, slow-tier reads and tokens/s. Each offloaded run must give the
+    resident run's tokens; the LRU run's recorded guesses, replayed with lookahead, must give
+    the lookahead run's counts (`replay_matches`)."""
+    store = ExpertStore(m.layers, folder)
+    try:
+        speed = read_speed(store)
+        resident = [greedy(m.model, p[None], new_tokens) for p in prompts]
+        result = {"store": speed, "prompts": len(prompts), "prompt_len": prompts.shape[1], "new_tokens": new_tokens,
+                  "top_k_mean": statistics.mean(l.top_k for l in m.layers), "experts": m.layers[0].spec["num_experts"],
+                  "pregated": m.layers[-1].router_input == "previous",
+                  "resident_tok_s": sum(len(t) for _, t in resident) / sum(sum(t) for _, t in resident), "rows": []}
+        for factor in factors:
+            runs = {}
+            for prefetch in (False, True):
+                rs = [run(m, store, p[None], new_tokens, factor, predictors, prefetch) for p in prompts]
+                if any(r.tokens != tokens for r, (tokens, _) in zip(rs, resident)):
+                    raise RuntimeError("offloaded decode diverged from the resident model")
+                runs[prefetch] = rs
+                merged = OffloadRun(rs[0].policy, factor, rs[0].capacity, [], [t for r in rs for t in r.step_s],
+                                    [_sum(s) for s in zip(*(r.stats for r in rs))])
+                result["rows"].append(merged.summary(store))
+            replayed = [_sum(s) for s in zip(*(replay(r.trace, r.capacity, True) for r in runs[False]))]
+            result["rows"][-1]["replay_matches"] = [s.astuple() for s in replayed] == [
+                _sum(s).astuple() for s in zip(*(r.stats for r in runs[True]))]
+            result["rows"][-1]["guess_recall"] = _guess_recall(runs[False])
+        return result
+    finally:
+        store.close()
+
+
+def _sum(stats) -> CacheStats:
+    total = CacheStats()
+    for s in stats:
+        total = total.add(s)
+    return total
+
+
+def _guess_recall(runs: list[OffloadRun]) -> float:
+    """Share of the selected experts that the lookahead guessed (layers with a guess)."""
+    hit = total = 0
+    for r in runs:
+        for steps in r.trace:
+            for selected, guess in steps:
+                if guess is not None:
+                    hit += len(set(selected) & set(guess))
+                    total += len(selected)
+    return hit / max(total, 1)

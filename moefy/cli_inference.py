@@ -91,6 +91,9 @@ def offload_cmd(
     prompts: int = typer.Option(2, help="Prompts (greedy decode of each)."),
     prompt_len: int = typer.Option(128, help="Tokens per prompt."),
     new_tokens: int = typer.Option(64, help="Tokens generated per prompt."),
+    lookahead_from: Optional[Path] = typer.Option(None, help="Per-layer-router models: take the lookahead's pre-gated "
+                                                          "routers from this pre-gated folder with the same experts "
+                                                          "(`analyze pregate --out`) instead of training them."),
     calib: str = typer.Option("wiki-sample", help="Per-layer-router models: text the lookahead's pre-gated routers "
                                                   "are trained on."),
     calib_tokens: int = typer.Option(16384, help="Calibration tokens for those routers."),
@@ -121,6 +124,8 @@ def offload_cmd(
             raise ConfigError(f"{data} gives only {len(blocks)} prompts of {prompt_len} tokens")
         if m.layers[-1].router_input == "previous":
             predictors = [None] * len(m.layers)  # the model's own pre-gated routers: exact lookahead
+        elif lookahead_from is not None:
+            predictors = [None] + [layer.router for layer in _same_experts(m, lookahead_from).layers[1:]]
         else:
             calib_blocks = _blocks(calib, m.tokenizer, 256, calib_tokens)
             trained = pregate.train_routers(m, pregate.dense_inputs(m, calib_blocks), _moe_config(m))
@@ -129,7 +134,8 @@ def offload_cmd(
         result.update(run=str(run), data=data, threads=threads)
         s = result["store"]
         typer.echo(f"slow tier: {s['us_per_expert']:.0f} us per expert read ({s['mb_s']:.0f} MB/s, "
-                   f"O_DIRECT {s['o_direct']}); resident decode {result['resident_tok_s']:.2f} tok/s")
+                   f"O_DIRECT {s['o_direct']}); resident decode {result['resident_tok_s']:.2f} tok/s, same tokens as "
+                   f"offloaded for {result['resident_agreement']:.0%} of the steps")
         for r in result["rows"]:
             typer.echo(f"cache {r['cache_factor']:g}x ({r['capacity_mean']:.0f} slots) {r['policy']:<14} hit rate "
                        f"{r['hit_rate']:.1%}  reads {r['mb_read_per_token']:.1f} MB/token  {r['tok_s']:.2f} tok/s")
@@ -137,6 +143,22 @@ def offload_cmd(
             write_json(json_out, result)
 
     _run(body)
+
+
+def _same_experts(m, folder):
+    """The pre-gated model in `folder`, checked to have m's experts."""
+    import torch
+
+    from . import load
+
+    other = load(folder)
+    if other.layers[-1].router_input != "previous":
+        raise ConfigError(f"--lookahead-from {folder} is not a pre-gated model (convert --router-input previous)")
+    if len(other.layers) != len(m.layers) or any(not torch.equal(a.expert_neurons, b.expert_neurons)
+                                                 for a, b in zip(m.layers, other.layers)):
+        raise ConfigError(f"--lookahead-from {folder} has other experts than the model; pre-gate this model "
+                          "(`moefy analyze pregate RUN --out`)")
+    return other
 
 
 @analyze_app.command("core")

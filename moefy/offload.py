@@ -243,8 +243,7 @@ class OffloadedFFN(nn.Module):
                 nxt.preselected = guess
             if self.prefetch:
                 nxt.pending = self.pool.submit(nxt._prefetch, guess)
-        experts = self.preselected if self.preselected is not None else _top_k(self.layer._rank_scores(x)[0],
-                                                                              self.layer.top_k)
+        experts = self.preselected if self.preselected is not None else self._route(x)
         if self.pending is not None:  # the cache is the prefetch thread's until its loads are in
             self.pending.result()
         slots, loads = self.cache.access(experts)
@@ -255,6 +254,11 @@ class OffloadedFFN(nn.Module):
         self.layer.experts_selected += len(experts)
         y = self._experts(x, torch.tensor(slots).view(1, -1))
         return (y if self.layer.b_out is None else y + self.layer.b_out).reshape(shape)
+
+    def _route(self, x) -> list[int]:
+        """The layer's own choice, on the path its forward takes (the kernels' router and top-k)."""
+        picked = self.layer.routing_step(x)  # [1, K] indices, or a [1, E] mask on the torch paths
+        return sorted((picked[0].nonzero()[:, 0] if picked.dtype == torch.bool else picked[0]).tolist())
 
     def _experts(self, x, slots):
         kern = _kernels()
@@ -360,7 +364,11 @@ def analyse(m: MoEModel, prompts: torch.Tensor, new_tokens: int, factors: list[f
     """Greedy decode of each prompt [P, L] resident and offloaded (LRU, LRU + lookahead) at
     every cache factor: hit rates, slow-tier reads and tokens/s. Each offloaded run must give the
     resident run's tokens; the LRU run's recorded guesses, replayed with lookahead, must give
-    the lookahead run's counts (`replay_matches`)."""
+    the lookahead run's counts (`replay_matches`). Every offloaded run must give the same tokens
+    (the same products in the same order, whatever slots the experts sit in); they may part from
+    the resident decode after a while, as the resident kernels sum the experts in another order
+    and a rounding difference can flip a near-tie (`resident_agreement`: the share of steps
+    before the first differing token)."""
     store = ExpertStore(m.layers, folder)
     try:
         speed = read_speed(store)
@@ -369,12 +377,14 @@ def analyse(m: MoEModel, prompts: torch.Tensor, new_tokens: int, factors: list[f
                   "top_k_mean": statistics.mean(l.top_k for l in m.layers), "experts": m.layers[0].spec["num_experts"],
                   "pregated": m.layers[-1].router_input == "previous",
                   "resident_tok_s": sum(len(t) for _, t in resident) / sum(sum(t) for _, t in resident), "rows": []}
+        reference = None
         for factor in factors:
             runs = {}
             for prefetch in (False, True):
                 rs = [run(m, store, p[None], new_tokens, factor, predictors, prefetch) for p in prompts]
-                if any(r.tokens != tokens for r, (tokens, _) in zip(rs, resident)):
-                    raise RuntimeError("offloaded decode diverged from the resident model")
+                reference = reference or [r.tokens for r in rs]
+                if [r.tokens for r in rs] != reference:
+                    raise RuntimeError("offloaded decodes with different caches gave different tokens")
                 runs[prefetch] = rs
                 merged = OffloadRun(rs[0].policy, factor, rs[0].capacity, [], [t for r in rs for t in r.step_s],
                                     [_sum(s) for s in zip(*(r.stats for r in rs))])
@@ -383,9 +393,16 @@ def analyse(m: MoEModel, prompts: torch.Tensor, new_tokens: int, factors: list[f
             result["rows"][-1]["replay_matches"] = [s.astuple() for s in replayed] == [
                 _sum(s).astuple() for s in zip(*(r.stats for r in runs[True]))]
             result["rows"][-1]["guess_recall"] = _guess_recall(runs[False])
+        result["resident_agreement"] = statistics.mean(_agreement(a, b) for a, (b, _) in zip(reference, resident))
         return result
     finally:
         store.close()
+
+
+def _agreement(a: list[int], b: list[int]) -> float:
+    """Share of the tokens before the first difference."""
+    same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return same / max(len(a), 1)
 
 
 def _sum(stats) -> CacheStats:

@@ -1,11 +1,7 @@
 import pytest
 import torch
 
-import moefy
 from moefy import core
-from moefy.config import DataConfig, MoEConfig
-
-from conftest import tiny_model
 from test_moe_layer import CASES, D, make_moe
 
 
@@ -33,15 +29,8 @@ def test_core_size_budget():
     assert core.core_size(moe, "flops") == min(moe.spec["num_experts"], 2 + moe.router.flops_per_token() // per_expert)
 
 
-@pytest.fixture(scope="module")
-def tiny(tokenizer):
-    return moefy.convert(tiny_model("llama"), moe=MoEConfig(num_experts=8, active=0.5, shared=0.25, router_steps=30,
-                         router_hidden=16), data=DataConfig(source="pydoc", seq_len=32, tokens=2048, batch_size=16),
-                         tokenizer=tokenizer)
-
-
-def test_continuation_modes(tiny):
-    m = tiny
+def test_continuation_modes(tiny_llama_moe):
+    m = tiny_llama_moe
     blocks = torch.randint(5, 300, (2, 24), generator=torch.Generator().manual_seed(0))
     result = core.evaluate(m, blocks, prompt_len=12, budget="k")
     assert result["tokens"] == 2 * 12 and set(result["ppl"]) == {"dense", "routed", "core"}
@@ -57,8 +46,8 @@ def test_continuation_modes(tiny):
     assert not any(isinstance(mod, core.CoreFFN) for mod in m.model.modules())  # swapped back
 
 
-def test_core_decode_runs_core_experts_only(tiny):
-    m = tiny
+def test_core_decode_runs_core_experts_only(tiny_llama_moe):
+    m = tiny_llama_moe
     prompt = torch.randint(5, 300, (1, 12), generator=torch.Generator().manual_seed(2))
     out = core.decode_speed(m, prompt, new_tokens=4, rounds=1)
     assert set(out) >= {"routed", "core", "dense"} and out["core"]["tok_s"] > 0

@@ -7,6 +7,7 @@ from typer.testing import CliRunner
 
 from moefy.cli import app
 
+from conftest import tiny_moe
 from test_cli import FAST
 
 runner = CliRunner()
@@ -19,14 +20,11 @@ def run_folder(tmp_path_factory, tokenizer):
     the tiny FFN), saved like `moefy convert` saves it."""
     import moefy
     from conftest import tiny_model
-    from moefy.config import DataConfig, MoEConfig
 
     folder = tmp_path_factory.mktemp("cli")
     tiny_model("llama").save_pretrained(folder / "tiny")
     tokenizer.save_pretrained(folder / "tiny")
-    m = moefy.convert(str(folder / "tiny"), moe=MoEConfig(num_experts=8, active=0.5, shared=0.0, router_steps=30,
-                      router_hidden=16), data=DataConfig(source="pydoc", seq_len=32, tokens=2048, batch_size=16))
-    moefy.save(m, folder / "run")
+    moefy.save(tiny_moe(tokenizer, shared=0.0), folder / "run")  # shared 0: room for a routed expert at 25%
     return folder
 
 
@@ -39,17 +37,18 @@ def test_pregate_offload_core_commands(run_folder):
     assert [row["active_target"] for row in rows] == [0.5, 0.25] and rows[0]["pregated"]["ppl"] > 0
     r = runner.invoke(app, ["eval", str(pre), *DATA, "--tokens", "512", "--seq-len", "32", "--active", "0.5"])
     assert r.exit_code == 0 and f"{rows[0]['pregated']['ppl']:.3f}" in r.output, r.output
-    for folder in (run, pre):  # per-layer routers (trained lookahead) and a pre-gated model (exact lookahead)
+    # Per-layer routers (lookahead by the pre-gated model's routers), then the pre-gated model (exact lookahead).
+    for folder, extra in ((run, ["--lookahead-from", str(pre)]), (pre, [])):
         js = run_folder / f"offload-{folder.name}.json"
         r = runner.invoke(app, ["analyze", "offload", str(folder), *DATA, "--prompts", "1", "--prompt-len", "16",
-                                "--new-tokens", "6", "--cache", "1", "--cache", "2", "--calib", "pydoc",
-                                "--calib-tokens", "1024", "--store-dir", str(run_folder), "--json", str(js)])
+                                "--new-tokens", "6", "--cache", "1", "--cache", "2", *extra,
+                                "--store-dir", str(run_folder), "--json", str(js)])
         assert r.exit_code == 0, r.output
         result = json.loads(js.read_text())
         assert [(row["cache_factor"], row["policy"]) for row in result["rows"]] == [
             (1, "lru"), (1, "lru+lookahead"), (2, "lru"), (2, "lru+lookahead")]
         assert all(row["replay_matches"] for row in result["rows"][1::2])
-        assert result["pregated"] == (folder == pre)
+        assert result["pregated"] == (folder == pre) and result["resident_agreement"] == 1.0
     assert not list(run_folder.glob("moefy-experts-*"))  # the expert file is removed
     js = run_folder / "core.json"
     r = runner.invoke(app, ["analyze", "core", str(run), *DATA, "--prompts", "2", "--prompt-len", "12",
@@ -62,9 +61,11 @@ def test_pregate_offload_core_commands(run_folder):
     (["offload", "--cache", "0.5"], "--cache"),
     (["core", "--budget", "all"], "--budget"),
     (["pregate", "--active", "0"], "active share"),
+    (["offload", "--lookahead-from", "RUN"], "not a pre-gated model"),
 ])
 def test_analysis_errors(run_folder, args, message):
     cmd, *rest = args
+    rest = [str(run_folder / "run") if a == "RUN" else a for a in rest]
     r = runner.invoke(app, ["analyze", cmd, str(run_folder / "run"), *rest])
     assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output
 

@@ -3,12 +3,10 @@ import torch
 
 import moefy
 from moefy import offload, pregate
-from moefy.config import DataConfig, MoEConfig
+from moefy.config import MoEConfig
 from moefy.offload import LRUCache, replay
 
-from conftest import tiny_model
-
-DATA = DataConfig(source="pydoc", seq_len=32, tokens=2048, batch_size=16)
+from conftest import TINY_MOE
 # One layer's decode, 2 slots: the experts each step selects.
 STEPS = [[0, 1], [0, 2], [1, 2], [0, 3]]
 
@@ -50,20 +48,14 @@ def test_cache_never_evicts_what_the_step_selected():
         cache.access([1, 2, 3, 4])
 
 
-@pytest.fixture(scope="module")
-def tiny_moe(tokenizer):
-    return moefy.convert(tiny_model("llama"), moe=MoEConfig(num_experts=8, active=0.5, shared=0.25,
-                         router_steps=30, router_hidden=16), data=DATA, tokenizer=tokenizer)
-
-
 @pytest.mark.parametrize("prefetch", [False, True])
-def test_offloaded_decode_is_exact_and_counts_match_replay(tiny_moe, tokenizer, tmp_path, prefetch):
-    m = tiny_moe
+def test_offloaded_decode_is_exact_and_counts_match_replay(tiny_llama_moe, tokenizer, tmp_path, prefetch):
+    m = tiny_llama_moe
     prompt = torch.randint(5, 300, (1, 12), generator=torch.Generator().manual_seed(0))
     expected, _ = offload.greedy(m.model, prompt, 10)
     calib = moefy.data.blocks("pydoc", tokenizer, 32, max_tokens=1024)
     predictors = [None] + [r for r, _ in pregate.train_routers(m, pregate.dense_inputs(m, calib),
-                                                                MoEConfig(router_steps=30, router_hidden=16))]
+                                                                MoEConfig(**TINY_MOE))]
     store = offload.ExpertStore(m.layers, tmp_path)
     try:
         run = offload.run(m, store, prompt, 10, 1.0, predictors, prefetch)
@@ -77,9 +69,8 @@ def test_offloaded_decode_is_exact_and_counts_match_replay(tiny_moe, tokenizer, 
     assert all(m.layers) and not any(isinstance(mod, offload.OffloadedFFN) for mod in m.model.modules())
 
 
-def test_pregated_model_lookahead_is_exact(tokenizer, tmp_path):
-    m = moefy.convert(tiny_model("llama"), moe=MoEConfig(num_experts=8, active=0.5, shared=0.25, router_steps=30,
-                      router_hidden=16, router_input="previous"), data=DATA, tokenizer=tokenizer)
+def test_pregated_model_lookahead_is_exact(tiny_llama_pregated, tmp_path):
+    m = tiny_llama_pregated
     prompt = torch.randint(5, 300, (1, 12), generator=torch.Generator().manual_seed(1))
     expected, _ = offload.greedy(m.model, prompt, 8)
     store = offload.ExpertStore(m.layers, tmp_path)

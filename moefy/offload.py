@@ -92,14 +92,13 @@ class LRUCache:
         return slot
 
     def prefetch(self, experts: list[int]) -> list[tuple[int, int]]:
-        """Make `experts` (at most `capacity`) the most recent entries; returns the loads."""
-        loads = []
+        """Make `experts` (at most `capacity`) the most recent entries, cached ones touched
+        first so that loading the others never evicts one of them; returns the loads."""
         for e in experts:
             if e in self.slot:
                 self.slot.move_to_end(e)
-            else:
-                loads.append((e, self._insert(e)))
-                self.ahead.add(e)
+        loads = [(e, self._insert(e)) for e in experts if e not in self.slot]
+        self.ahead.update(e for e, _ in loads)
         self.stats.prefetches += len(loads)
         return loads
 

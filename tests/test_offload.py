@@ -38,6 +38,14 @@ def test_lookahead_hand_counted():
     assert (big.hits, big.loads) == (4, 4)
 
 
+def test_prefetch_never_evicts_what_it_prefetches():
+    cache = LRUCache(2)
+    cache.access([0])
+    cache.access([1])  # 0 is the least recent
+    assert cache.prefetch([2, 0]) == [(2, 1)]  # 0 is kept (touched first), 1 makes room
+    assert list(cache.slot) == [0, 2] and cache.stats.prefetches == 1
+
+
 def test_cache_never_evicts_what_the_step_selected():
     cache = LRUCache(3)
     cache.access([0, 1, 2])

@@ -37,6 +37,8 @@ def convert(
     method: str = typer.Option("coactivation", help="Grouping: random, param-kmeans, coactivation."),
     router: str = typer.Option("mlp", help="Router: mlp, similarity, representative."),
     router_loss: str = typer.Option("log-norm", help="mlp router target: log-norm, norm (D2DMoE) or bce (MoEfication)."),
+    router_input: str = typer.Option("own", help="What each mlp router reads: own (its layer's FFN input) or previous "
+                                                 "(the previous layer's: Pre-gated MoE, experts known a layer ahead)."),
     budget: str = typer.Option("uniform", help="Per-layer top-k: uniform (same share everywhere) or sensitivity "
                                                 "(the total split by each layer's measured error curve)."),
     shared: float = typer.Option(0.1, help="Share of expert slots given to always-on shared neurons (CMoE)."),
@@ -63,7 +65,7 @@ def convert(
         if json_out is not None:
             check_target(json_out, overwrite)
         moe_cfg = MoEConfig(num_experts=experts, active=None if tau is not None else active, tau=tau,
-                            method=method, router=router, router_loss=router_loss, shared=shared, seed=seed,
+                            method=method, router=router, router_loss=router_loss, router_input=router_input, shared=shared, seed=seed,
                             budget=budget)
         data_cfg = DataConfig(source=calib, seq_len=seq_len, tokens=calib_tokens)
         moe_cfg.validate()
@@ -606,6 +608,8 @@ def _logging(verbose: bool):
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
 
+
+from . import cli_inference  # noqa: E402,F401  (registers analyze pregate / offload / core)
 
 if __name__ == "__main__":
     app()

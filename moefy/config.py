@@ -34,6 +34,7 @@ class MoEConfig:
     budget: str = "uniform"          # per-layer top-k for `active`: "uniform" (same share everywhere) or "sensitivity" (budget.py)
     router: str = "mlp"              # router kind, see moe_layer.ROUTERS
     router_hidden: int = 128         # hidden width of the mlp router
+    router_input: str = "own"        # what each router reads: "own" (its layer's FFN input) or "previous" (the previous layer's: Pre-gated MoE)
     router_loss: str = "log-norm"    # mlp router target: "log-norm" (MSE on log(1 + expert output norm)), "norm" (D2DMoE) or "bce" (MoEfication)
     router_steps: int = 400          # Adam steps per layer for trained routers
     router_lr: float = 3e-3          # Adam learning rate for trained routers
@@ -50,6 +51,11 @@ class MoEConfig:
             raise ConfigError(f"unknown router {self.router!r}; choose from {', '.join(ROUTERS)}")
         if self.budget not in ("uniform", "sensitivity"):
             raise ConfigError(f"unknown budget {self.budget!r}; choose uniform or sensitivity")
+        if self.router_input not in ("own", "previous"):
+            raise ConfigError(f"unknown router input {self.router_input!r}; choose own or previous")
+        if self.router_input == "previous" and (self.router != "mlp" or self.budget != "uniform"):
+            raise ConfigError("--router-input previous needs a trained router and a uniform budget "
+                              "(--router mlp --budget uniform)")
         if self.router_loss not in ("log-norm", "norm", "bce"):
             raise ConfigError(f"unknown router loss {self.router_loss!r}; choose log-norm, norm or bce")
         if self.num_experts < 2:

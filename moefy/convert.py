@@ -171,7 +171,10 @@ def build(model, tokenizer, stats: list, moe: MoEConfig, record: dict | None = N
         torch.manual_seed(moe.seed + i)  # router initialisation and training depend on the seed alone
         layer = MoEFFN.from_dense(ffn, split.shared, split.experts, router_spec(moe.router, moe))
         layer.set_selection(*_selection(layer, moe))
-        metrics = build_router(layer, stats[i].inputs, moe)
+        pregated = moe.router_input == "previous" and i > 0  # Pre-gated MoE; the first layer has no previous one
+        if pregated:
+            layer.set_router_input("previous")
+        metrics = build_router(layer, stats[i].inputs, moe, router_inputs=stats[i - 1].inputs if pregated else None)
         if moe.budget == "sensitivity":
             metrics["error_curve"] = error_curve(layer, stats[i].inputs[:CURVE_TOKENS])
         layers.append(layer.requires_grad_(False))

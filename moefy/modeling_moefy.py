@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import transformers
 
-from .moe_layer import MoEFFN
+from .moe_layer import MoEFFN, link_pregated
 from .sparse_ffn import TYPE as SPARSE_EXPANSION, SparseExpertFFN
 
 PREFIX = "Moefy"
@@ -24,10 +24,12 @@ def install_moe(model: torch.nn.Module, cfg: dict, layers: list[MoEFFN] | None =
     blocks = model.get_submodule(cfg["blocks"])
     if len(blocks) != len(cfg["layers"]):
         raise ValueError(f"config.moefy describes {len(cfg['layers'])} layers, the model has {len(blocks)}")
-    for i, block in enumerate(blocks):
-        block.set_submodule(cfg["ffn"], layers[i] if layers is not None else layer_from_spec(cfg["layers"][i]))
+    layers = layers if layers is not None else [layer_from_spec(spec) for spec in cfg["layers"]]
+    for block, layer in zip(blocks, layers):
+        block.set_submodule(cfg["ffn"], layer)
         for path in cfg.get("identity", []):
             block.set_submodule(path, torch.nn.Identity())
+    link_pregated(layers)
 
 
 def layer_from_spec(spec: dict) -> torch.nn.Module:

@@ -106,6 +106,14 @@ class MLPRouter(nn.Module):
 ROUTERS = {"similarity": SimilarityRouter, "representative": RepresentativeRouter, "mlp": MLPRouter}
 
 
+def link_pregated(layers: list) -> None:
+    """Connect consecutive MoE layers so that each pre-gated layer (router_input "previous")
+    receives its previous layer's FFN input, the input its router was trained on."""
+    for prev, layer in zip(layers, layers[1:]):
+        if isinstance(prev, MoEFFN):
+            prev.__dict__["_feeds"] = layer if getattr(layer, "router_input", "own") == "previous" else None
+
+
 def select_experts(scores: torch.Tensor, top_k: int | None, tau: float | None) -> torch.Tensor:
     """Boolean mask [T, E] of the experts each token uses.
 
@@ -184,6 +192,12 @@ class MoEFFN(nn.Module):
         self.router = ROUTERS[r["kind"]](D, E, gated=self.gated, act=self.act,
                                          bias=spec["bias_in"], **r.get("options", {}))
         self._mlp_router = isinstance(self.router, MLPRouter)
+        # "previous": the router reads the previous layer's FFN input (Pre-gated MoE, Hwang et al.
+        # 2024), which that layer hands over in its forward (see link_pregated).
+        self.router_input = spec.get("router_input", "own")
+        self._fused_router = self._mlp_router and self.router_input == "own"  # the kernels run it with the experts
+        self.__dict__["_feeds"] = None  # the next layer, when it is pre-gated (not a submodule)
+        self._router_x = None  # [T, D]: the previous layer's input, for a pre-gated router
         self.reset_counters()
 
     @staticmethod
@@ -221,6 +235,14 @@ class MoEFFN(nn.Module):
         self.top_k, self.tau = top_k, tau
         self.spec.update(top_k=top_k, tau=tau)
 
+    def set_router_input(self, source: str):
+        """"own" (the router reads this layer's input) or "previous" (Pre-gated MoE: the previous
+        layer's input; call link_pregated on the model's layers after); kept in the saved spec."""
+        if source not in ("own", "previous"):
+            raise ValueError(f"router input must be own or previous, got {source!r}")
+        self.router_input = self.spec["router_input"] = source
+        self._fused_router = self._mlp_router and source == "own"
+
     # -- bookkeeping ----------------------------------------------------------------------------
 
     def reset_counters(self):
@@ -257,6 +279,8 @@ class MoEFFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [T, D]
+        if self._feeds is not None:  # Pre-gated MoE: the next layer's router reads this input
+            self._feeds._router_x = x
         y = self._dense(x) if self.all_experts else self._sparse(x)
         if self.b_out is not None:
             y = y + self.b_out
@@ -274,17 +298,26 @@ class MoEFFN(nn.Module):
         args = self._kernel_args(kern) if kern is not None else None
         if args is None or self.tau is not None or self.oracle:
             return self.route(x)
-        if self._mlp_router and x.shape[0] <= KERNEL_FUSED_MAX_TOKENS:
+        if self._fused_router and x.shape[0] <= KERNEL_FUSED_MAX_TOKENS:
             return kern.mlp_topk(args, x.contiguous(), self.top_k)
         return kern.topk(self._rank_scores(x), self.top_k)
 
     def _scores(self, x):
-        return self.expert_norms(x) if self.oracle else self.router(x)
+        return self.expert_norms(x) if self.oracle else self.router(self._router_in(x))
 
     def _rank_scores(self, x):
         """Scores with the same top-k as _scores: an MLP router's raw logits (its output
         transforms are monotone, so they are skipped)."""
-        return self.router.logits(x) if self._mlp_router and not self.oracle else self._scores(x)
+        return self.router.logits(self._router_in(x)) if self._mlp_router and not self.oracle else self._scores(x)
+
+    def _router_in(self, x):
+        """What the router reads for x [T, D]: x itself, or for a pre-gated layer the previous
+        layer's input for the same tokens."""
+        if self.router_input == "own":
+            return x
+        if self._router_x is None or self._router_x.shape[0] != x.shape[0]:
+            raise RuntimeError("a pre-gated MoE layer runs only right after its previous layer (link_pregated)")
+        return self._router_x
 
     def _sparse(self, x):
         T = x.shape[0]
@@ -326,7 +359,7 @@ class MoEFFN(nn.Module):
         few = T <= KERNEL_FUSED_MAX_TOKENS
         if self.tau is None:
             self.experts_selected += T * self.top_k
-            if few and self._mlp_router and not self.oracle:
+            if few and self._fused_router and not self.oracle:
                 return kern.mlp_moe(args, x, self.top_k)
             y = kern.experts(args, x, kern.topk(self._rank_scores(x), self.top_k), shared=few)
         else:

@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .moe_layer import MoEFFN
+from .moe_layer import MoEFFN, select_experts
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +64,13 @@ def router_targets(moe: MoEFFN, inputs: torch.Tensor, loss: str) -> torch.Tensor
 
 
 def train_mlp_router(moe: MoEFFN, inputs: torch.Tensor, *, loss: str, steps: int, lr: float,
-                     seed: int, batch_size: int = 512) -> dict:
-    """Fit the MLP router on calibration inputs (backbone frozen); returns validation metrics."""
+                     seed: int, batch_size: int = 512, router_inputs: torch.Tensor | None = None) -> dict:
+    """Fit the MLP router on calibration inputs (backbone frozen); returns validation metrics.
+    The targets come from the layer's own inputs [N, D]; the router reads `router_inputs` [N, D]
+    when given (Pre-gated MoE: the previous layer's inputs for the same tokens)."""
     g = torch.Generator().manual_seed(seed)
     targets = router_targets(moe, inputs, loss)  # [N, E]
+    x = inputs if router_inputs is None else router_inputs
     perm = torch.randperm(len(inputs), generator=g)
     n_val = max(1, len(inputs) // 10)
     val, train = perm[:n_val], perm[n_val:]
@@ -82,7 +85,7 @@ def train_mlp_router(moe: MoEFFN, inputs: torch.Tensor, *, loss: str, steps: int
         router.train()
         for _ in range(steps):
             b = train[torch.randint(len(train), (batch_size,), generator=g)]
-            out = objective(router.logits(inputs[b]), targets[b])
+            out = objective(router.logits(x[b]), targets[b])
             opt.zero_grad(set_to_none=True)
             out.backward()
             opt.step()
@@ -91,15 +94,17 @@ def train_mlp_router(moe: MoEFFN, inputs: torch.Tensor, *, loss: str, steps: int
     opt.zero_grad(set_to_none=True)  # no stale gradients left on the saved router
     router.requires_grad_(False)
     with torch.no_grad():
-        val_loss = float(objective(router.logits(inputs[val]), targets[val]))
-    return {"router_val_loss": val_loss, "router_recall": recall(moe, inputs[val])}
+        val_loss = float(objective(router.logits(x[val]), targets[val]))
+    return {"router_val_loss": val_loss,
+            "router_recall": recall(moe, inputs[val], None if router_inputs is None else router_inputs[val])}
 
 
 @torch.no_grad()
-def recall(moe: MoEFFN, inputs: torch.Tensor) -> float:
+def recall(moe: MoEFFN, inputs: torch.Tensor, router_inputs: torch.Tensor | None = None) -> float:
     """Share of the oracle's experts (largest true output norms, same count per token) that the
-    router selects."""
-    chosen = moe.route(inputs)  # [N, E]
+    router selects; a pre-gated router reads `router_inputs` (the previous layer's inputs)."""
+    x = moe._router_in(inputs) if router_inputs is None else router_inputs
+    chosen = select_experts(moe.router(x), moe.top_k, moe.tau)  # [N, E]
     k = chosen.sum(-1, keepdim=True)
     norms = moe.expert_norms(inputs)
     rank = norms.argsort(-1, descending=True).argsort(-1)
@@ -107,14 +112,17 @@ def recall(moe: MoEFFN, inputs: torch.Tensor) -> float:
     return float((chosen & oracle).sum() / oracle.sum())
 
 
-def build_router(moe: MoEFFN, inputs: torch.Tensor, cfg) -> dict:
-    """Initialise or train `moe.router` for its kind; returns metrics for the report."""
+def build_router(moe: MoEFFN, inputs: torch.Tensor, cfg, router_inputs: torch.Tensor | None = None) -> dict:
+    """Initialise or train `moe.router` for its kind; returns metrics for the report. With
+    `router_inputs` (an mlp router only) the router learns to pick this layer's experts from them."""
     kind = moe.spec["router"]["kind"]
+    if router_inputs is not None and kind != "mlp":
+        raise ValueError(f"only a trained mlp router can read another layer's inputs, not {kind!r}")
     if kind == "similarity":
         init_similarity(moe)
     elif kind == "representative":
         init_representative(moe, inputs)
     else:
         return train_mlp_router(moe, inputs, loss=cfg.router_loss, steps=cfg.router_steps,
-                                lr=cfg.router_lr, seed=cfg.seed)
+                                lr=cfg.router_lr, seed=cfg.seed, router_inputs=router_inputs)
     return {"router_recall": recall(moe, inputs[: len(inputs) // 10 or 1])}

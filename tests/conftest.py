@@ -86,3 +86,27 @@ def tiny_run(tmp_path_factory, tokenizer):
                       moe=MoEConfig(num_experts=8, active=0.5, shared=0.0, router_steps=30, router_hidden=16),
                       data=DataConfig(source="pydoc", seq_len=32, tokens=2048, batch_size=16))
     return moefy.save(m, tmp_path_factory.mktemp("runs") / "tiny-moe")
+
+
+TINY_MOE = dict(num_experts=8, active=0.5, shared=0.25, router_steps=30, router_hidden=16)  # a small mlp router
+
+
+def tiny_moe(tokenizer, **kw):
+    """A tiny llama converted with small mlp routers on pydoc (a few seconds)."""
+    import moefy
+    from moefy.config import DataConfig, MoEConfig
+
+    return moefy.convert(tiny_model("llama"), moe=MoEConfig(**{**TINY_MOE, **kw}),
+                         data=DataConfig(source="pydoc", seq_len=32, tokens=2048, batch_size=16), tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_moe(tokenizer):
+    """tiny_moe with per-layer routers, shared by the tests (restore what you change)."""
+    return tiny_moe(tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_pregated(tokenizer):
+    """tiny_moe with pre-gated routers (router_input="previous")."""
+    return tiny_moe(tokenizer, router_input="previous")

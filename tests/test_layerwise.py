@@ -155,3 +155,41 @@ def test_free_space_is_checked_first(tiny_folder, tmp_path, monkeypatch):
     with pytest.raises(OutOfSpace):
         moefy.save(m, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-llama"]
+
+
+def test_cli_layerwise_and_moefy_run_json(tiny_folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from moefy.cli import app
+    from moefy.provenance import sha256_files
+
+    fast = ["--model", str(tiny_folder), "--calib", "pydoc", "--experts", "8", "--shared", "0", "--calib-tokens",
+            "2048", "--seq-len", "32", "--eval-data", "pydoc:heldout", "--eval-tokens", "256", "--router", "similarity"]
+    runner = CliRunner()
+    r = runner.invoke(app, ["convert", *fast, "--out", str(tmp_path / "lw"), "--layerwise", "--propagate", "moe",
+                            "--offload", "--json", str(tmp_path / "lw.json")])
+    assert r.exit_code == 0, r.output
+    assert "perplexity" in r.output and not (tmp_path / "lw.partial").exists()
+    r = runner.invoke(app, ["convert", *fast, "--out", str(tmp_path / "whole"), "--no-eval"])
+    assert r.exit_code == 0, r.output
+    runs = [json.loads((tmp_path / p / "moefy_run.json").read_text()) for p in ("lw", "whole")]
+    for run in runs:
+        assert {"command", "settings", "seeds", "versions", "source_weights", "calibration"} <= set(run)
+        assert {"torch", "transformers", "moefy"} <= set(run["versions"])
+        assert run["seeds"] == {"moe": 0} and run["settings"]["moe"]["num_experts"] == 8
+        assert run["source_weights"] == {"sha256": sha256_files(tiny_folder), "of": "files"}
+        assert len(run["calibration"]["token_ids_sha256"]) == 64
+    assert runs[0]["calibration"] == runs[1]["calibration"]
+    assert runs[0]["settings"]["layerwise"]["propagate"] == "moe"
+    side = json.loads((tmp_path / "lw.moefy_run.json").read_text())  # beside the --json output
+    assert side["source_weights"] == runs[0]["source_weights"]
+    # resume refuses other settings; layerwise flags need --layerwise
+    (tmp_path / "x.partial").mkdir()
+    (tmp_path / "x.partial" / "manifest.json").write_text(json.dumps({"fingerprint": {"moe": {}}, "done": 0,
+                                                                      "layers": []}))
+    r = runner.invoke(app, ["convert", *fast, "--out", str(tmp_path / "x"), "--layerwise", "--resume"])
+    assert r.exit_code == 2 and "cannot resume" in r.output and "Traceback" not in r.output, r.output
+    r = runner.invoke(app, ["convert", *fast, "--out", str(tmp_path / "y"), "--dtype", "bf16"])
+    assert r.exit_code == 2 and "need --layerwise" in r.output
+    r = runner.invoke(app, ["convert", *fast, "--out", str(tmp_path / "y"), "--layerwise", "--device", "tpu"])
+    assert r.exit_code == 2 and "unknown device" in r.output

@@ -22,7 +22,7 @@ def _run(fn):
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2)
     except KeyboardInterrupt:
-        typer.echo("interrupted; nothing was written", err=True)
+        typer.echo("interrupted; the output was not written (a --layerwise convert continues with --resume)", err=True)
         raise typer.Exit(130)
 
 

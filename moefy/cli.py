@@ -22,7 +22,7 @@ def _run(fn):
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2)
     except KeyboardInterrupt:
-        typer.echo("interrupted; nothing was written", err=True)
+        typer.echo("interrupted; the output was not written (a --layerwise convert continues with --resume)", err=True)
         raise typer.Exit(130)
 
 
@@ -50,14 +50,23 @@ def convert(
     eval_tokens: int = typer.Option(8192, help="Held-out tokens for --eval."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the evaluation as JSON here."),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+    layerwise: bool = typer.Option(False, "--layerwise/--all-at-once",
+                                   help="Calibrate and build one decoder block at a time (big models; resumable)."),
+    propagate: str = typer.Option("dense", help="--layerwise: what the next block sees: dense (the original "
+                                                "block's outputs) or moe (the outputs of the block with its MoE FFN)."),
+    device: str = typer.Option("cpu", help="--layerwise: where blocks run: cpu or cuda."),
+    dtype: str = typer.Option("fp32", help="--layerwise: fp32, bf16 or fp16 (blocks run and are saved in it)."),
+    offload: bool = typer.Option(False, help="--layerwise: keep hidden states between blocks on disk, not in RAM."),
+    resume: bool = typer.Option(False, help="--layerwise: continue an interrupted conversion from <out>.partial/."),
     verbose: bool = typer.Option(False, "-v", "--verbose"),
 ):
     """Convert a dense model into an MoE model and save it (then evaluate it, by default)."""
     _logging(verbose)
 
     def body():
-        from . import convert as convert_fn, distributed, models, save
+        from . import convert as convert_fn, distributed, load, models, save
         from . import data as data_mod
+        from . import layerwise as lw_mod
         from .config import DataConfig, MoEConfig
         from .io import check_target
 
@@ -68,8 +77,21 @@ def convert(
                             method=method, router=router, router_loss=router_loss, router_input=router_input, shared=shared, seed=seed,
                             budget=budget)
         data_cfg = DataConfig(source=calib, seq_len=seq_len, tokens=calib_tokens)
+        lw_cfg = lw_mod.LayerwiseConfig(propagate=propagate, device=device, dtype=dtype, offload=offload)
         moe_cfg.validate()
         data_cfg.validate()
+        lw_cfg.validate()
+        if not layerwise and (lw_cfg != lw_mod.LayerwiseConfig() or resume):
+            raise ConfigError("--propagate, --device, --dtype, --offload and --resume need --layerwise")
+        if layerwise:  # the output is written block by block; evaluation reads it back
+            lw_mod.convert_to_folder(model, moe_cfg, data_cfg, lw_cfg, out, overwrite=overwrite, resume=resume,
+                                     progress=True)
+            typer.echo(f"saved {out}")
+            if evaluate:
+                m = load(out)
+                _report(m, data_mod.blocks(eval_data, m.tokenizer, seq_len, max_tokens=eval_tokens), eval_data,
+                        json_out, run=_run_info(m.record, "convert"))
+            return
         loaded = models.load(model)
         heldout = data_mod.blocks(eval_data, loaded.tokenizer, seq_len, max_tokens=eval_tokens) if evaluate else None
         with distributed.session():  # under torchrun: data-parallel calibration, rank 0 writes
@@ -79,7 +101,7 @@ def convert(
         save(m, out, overwrite=overwrite)
         typer.echo(f"saved {out}")
         if evaluate:
-            _report(m, heldout, eval_data, json_out)
+            _report(m, heldout, eval_data, json_out, run=_run_info(m.record, "convert"))
 
     _run(body)
 
@@ -105,9 +127,12 @@ def eval_cmd(
         from . import data as data_mod
 
         m = _open_run(run, json_out, overwrite, active=active, top_k=top_k, tau=tau)
+        info = _run_info(m.record, "eval", run, {"data": data, "tokens": tokens, "seq_len": seq_len, "active": active,
+                                                "top_k": top_k, "tau": tau, "oracle": oracle})
         if m.record.get("kind") == "sparse_expansion":  # a `moefy prune` folder: no dense copy inside
-            return _report_pruned(m, data_mod.blocks(data, m.tokenizer, seq_len, max_tokens=tokens), data, json_out)
-        _report(m, data_mod.blocks(data, m.tokenizer, seq_len, max_tokens=tokens), data, json_out, oracle)
+            return _report_pruned(m, data_mod.blocks(data, m.tokenizer, seq_len, max_tokens=tokens), data, json_out,
+                                  run=info)
+        _report(m, data_mod.blocks(data, m.tokenizer, seq_len, max_tokens=tokens), data, json_out, oracle, run=info)
 
     _run(body)
 
@@ -200,7 +225,10 @@ def bench(
                                prefill_tokens=prefill_tokens, prefill_layers=prefill_layers)
         typer.echo(json.dumps(result, indent=1))
         if output_json is not None:
-            write_json(output_json, result)
+            write_json(output_json, result, run=_run_info(m.record, "bench", run, {
+                "data": data, "input_len": input_len, "output_len": output_len, "batch_size": batch_size,
+                "threads": threads, "prefill_tokens": prefill_tokens, "prefill_layers": prefill_layers,
+                "active": active}))
 
     _run(body)
 
@@ -250,10 +278,14 @@ def sweep(
         import shutil
         import tempfile
 
+        import json
+
         from . import data as data_mod
         from . import io, models
         from . import sweep as sweep_mod
         from .config import DataConfig, MoEConfig
+        from .convert import calibration_record
+        from .provenance import RUN_FILE, run_info, weights_hash
 
         io.check_target(out, overwrite)
         variants = [sweep_mod.Variant.parse(v) for v in variant]
@@ -278,6 +310,13 @@ def sweep(
                                                "calib_tokens": calib_tokens, "router_loss": router_loss, "seed": seed,
                                                "budget": budget,
                                                "versions": io.versions(), "rows": rows})
+            calib_ids = data_mod.blocks(calib, loaded.tokenizer, seq_len, max_tokens=calib_tokens)
+            (tmp / RUN_FILE).write_text(json.dumps(run_info({
+                "source": str(loaded.source), "source_weights": weights_hash(loaded.source, loaded.model),
+                "calibration": calibration_record(data_cfg, calib_ids),
+                "moe": base.to_dict(), "settings": {"variants": variant, "active": active, "oracle": oracle,
+                                                    "eval_data": eval_data, "eval_tokens": eval_tokens}}, "sweep"),
+                indent=1))
             sweep_mod.plot(rows, tmp / "sweep.png", title=f"{Path(str(loaded.source)).name}, {eval_data}")
             table = sweep_mod.markdown(rows)
             (tmp / "sweep.md").write_text(table + "\n")
@@ -286,7 +325,7 @@ def sweep(
             if tmp.exists():
                 shutil.rmtree(tmp)
         typer.echo(table)
-        typer.echo(f"saved {out}/sweep.json, sweep.png, sweep.md")
+        typer.echo(f"saved {out}/sweep.json, sweep.png, sweep.md, {RUN_FILE}")
 
     _run(body)
 
@@ -339,10 +378,10 @@ def prune_cmd(
         heldout = data_mod.blocks(eval_data, loaded.tokenizer, seq_len, max_tokens=eval_tokens) if evaluate else None
         dense = _perplexity_if_causal(loaded.model, heldout) if evaluate else None
         m = sparsify(loaded.model, loaded.tokenizer, cfg, expansion, data_cfg, source=loaded.source, progress=True)
-        save(m, out, overwrite=overwrite)
+        save(m, out, overwrite=overwrite, command="prune")
         typer.echo(f"saved {out}")
         if evaluate:
-            _report_pruned(m, heldout, eval_data, json_out, dense)
+            _report_pruned(m, heldout, eval_data, json_out, dense, run=_run_info(m.record, "prune"))
 
     _run(body)
 
@@ -354,7 +393,7 @@ def _perplexity_if_causal(model, blocks):
     return perplexity(model, blocks, progress=True, desc="dense")[0] if family_for(model.config).causal else None
 
 
-def _report_pruned(m, blocks, data, json_out, dense_ppl=None):
+def _report_pruned(m, blocks, data, json_out, dense_ppl=None, run=None):
     """Perplexity of a pruned / sparse-expanded model (and of its dense source when given)."""
     from .io import write_json
     from .sparse_expansion import ffn_flops, set_execution
@@ -374,7 +413,7 @@ def _report_pruned(m, blocks, data, json_out, dense_ppl=None):
     typer.echo(f"{data}: {result['tokens']} tokens")
     typer.echo("\n".join(f"{a:<18}{b:>10}  {c:>10}" for a, b, c in rows))
     if json_out is not None:
-        write_json(json_out, result)
+        write_json(json_out, result, run=run)
 
 
 analyze_app = typer.Typer(no_args_is_help=True, help="Analyses of a dense model's neurons or a converted model's routing.")
@@ -405,17 +444,25 @@ def wasserstein_cmd(
         from . import models
         from .analysis import wasserstein
         from .config import DataConfig
+        from .convert import calibration_record
         from .io import check_target, write_json
+        from .provenance import run_info, weights_hash
 
         check_target(json_out, overwrite)
         check_target(plot_out, overwrite)
         loaded = models.load(model)
         heldout = data_mod.blocks(eval_data, loaded.tokenizer, seq_len, max_tokens=eval_tokens) if experiment else None
-        result, distances = wasserstein.analyse(loaded.model, loaded.tokenizer, DataConfig(
-            source=calib, seq_len=seq_len, tokens=calib_tokens), heldout, share=share, sparsity=sparsity)
+        calib_cfg = DataConfig(source=calib, seq_len=seq_len, tokens=calib_tokens)
+        info = {"source": loaded.source, "source_weights": weights_hash(loaded.source, loaded.model),
+                "calibration": calibration_record(calib_cfg, data_mod.blocks(calib, loaded.tokenizer, seq_len,
+                                                                             max_tokens=calib_tokens)),
+                "settings": {"experiment": experiment, "share": share, "sparsity": sparsity, "eval_data": eval_data,
+                             "eval_tokens": eval_tokens}}
+        result, distances = wasserstein.analyse(loaded.model, loaded.tokenizer, calib_cfg, heldout, share=share,
+                                                sparsity=sparsity)
         result["source"] = loaded.source
         _write_plot(wasserstein.plot, distances, plot_out, f"Wasserstein neurons: {Path(loaded.source).name}")
-        write_json(json_out, result, overwrite=overwrite)
+        write_json(json_out, result, overwrite=overwrite, run=run_info(info, "analyze wasserstein"))
         for row in result["layers"]:
             typer.echo(f"layer {row['layer']:>2}: W1 mean {row['mean']:.3f}  p90 {row['p90']:.3f}  max {row['max']:.3f}")
         if "experiment" in result:
@@ -571,14 +618,25 @@ def _open_run(run, json_out, overwrite, active=None, top_k=None, tau=None):
     return m
 
 
-def _report(m, blocks, data, json_out, oracle=False):
+def _report(m, blocks, data, json_out, oracle=False, run=None):
     from .evaluate import evaluate
     from .io import write_json
 
     result = {**evaluate(m, blocks, progress=True, oracle=oracle), "data": data}
     typer.echo(render(result))
     if json_out is not None:
-        write_json(json_out, result)
+        write_json(json_out, result, run=run)
+
+
+def _run_info(record: dict, command: str, folder: Path | None = None, settings: dict | None = None) -> dict:
+    """moefy_run.json content for a JSON output: the model's own record, or (eval, bench) the
+    model folder as the source, with the command's settings."""
+    from .provenance import run_info, weights_hash
+
+    if folder is not None:
+        record = {**record, "source": str(folder), "source_weights": weights_hash(folder),
+                  "settings": settings or {}}
+    return run_info(record, command)
 
 
 def render(r: dict) -> str:

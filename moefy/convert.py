@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from . import data as data_mod
 from . import distributed
-from . import models
+from . import models, provenance
 from .arch import Family, family_for
 from .budget import allocate, error_curve
 from .config import DataConfig, MoEConfig
@@ -119,21 +119,30 @@ class MoEModel:
 
 
 def convert(model, calib: str = "wiki-sample", moe: MoEConfig = MoEConfig(),
-            data: DataConfig | None = None, *, tokenizer=None, progress: bool = False) -> MoEModel:
+            data: DataConfig | None = None, *, tokenizer=None, progress: bool = False,
+            layerwise=None) -> MoEModel:
     """Turn a dense model (a name/path for models.load, a models.LoadedModel, or a transformers
-    model with its tokenizer) into an MoE model, using calibration text `calib`."""
+    model with its tokenizer) into an MoE model, using calibration text `calib`.
+    layerwise (a layerwise.LayerwiseConfig): calibrate and build one block at a time instead of
+    profiling the whole model first (same result with propagate="dense"; see layerwise.py)."""
     data = data or DataConfig(source=calib)
     if isinstance(model, str):
         model = models.load(model)
     if isinstance(model, models.LoadedModel):
         model, tokenizer, source = model.model, model.tokenizer, model.source
+        weights = provenance.weights_hash(source, model)
     else:
         source = getattr(model.config, "_name_or_path", "") or type(model).__name__
+        weights = provenance.weights_hash(None, model)  # the model in memory, whatever its origin
     if tokenizer is None:
         raise ConfigError("convert() needs the tokenizer along with a loaded model")
+    record = {"source": source, "source_weights": weights}
+    if layerwise is not None:
+        from .layerwise import convert_layers
+
+        return convert_layers(model, tokenizer, moe, data, layerwise, record=record, progress=progress)
     stats = calibrate(model, tokenizer, moe, data, progress=progress)
-    return build(model, tokenizer, stats, moe, record={"source": source, "calibration": stats.record},
-                 progress=progress)
+    return build(model, tokenizer, stats, moe, record={**record, "calibration": stats.record}, progress=progress)
 
 
 class Calibration(list):
@@ -145,18 +154,28 @@ class Calibration(list):
 def calibrate(model, tokenizer, moe: MoEConfig, data: DataConfig, progress: bool = False) -> Calibration:
     """Check the settings against the model, then profile its FFNs on the calibration text."""
     family = family_for(model.config)
-    width = family.dense_ffn(family.block_list(model)[0], model.config).width
-    moe.validate(width)
-    data.validate()
-    calib_blocks = data_mod.blocks(data.source, tokenizer, data.seq_len, max_tokens=data.tokens,
-                                   min_tokens=MIN_CALIB_TOKENS.get(moe.router, data.seq_len))
+    calib_blocks = calibration_blocks(model, tokenizer, moe, data)
     stats = Calibration(profile(model, family, distributed.shard(calib_blocks, data.batch_size),
                                 batch_size=data.batch_size, marker_share=moe.marker_share,
                                 coactivation=moe.method in NEEDS_COACTIVATION, keep_inputs=data.tokens,
                                 progress=progress))
     distributed.reduce(stats)  # torchrun: every rank now holds the statistics of all batches
-    stats.record = {**data.__dict__, "tokens_used": calib_blocks.numel(), "processes": distributed.world()[1]}
+    stats.record = {**calibration_record(data, calib_blocks), "processes": distributed.world()[1]}
     return stats
+
+
+def calibration_blocks(model, tokenizer, moe: MoEConfig, data: DataConfig) -> torch.Tensor:
+    """Check the settings against the model; the calibration token blocks [B, L]."""
+    family = family_for(model.config)
+    moe.validate(family.dense_ffn(family.block_list(model)[0], model.config).width)
+    data.validate()
+    return data_mod.blocks(data.source, tokenizer, data.seq_len, max_tokens=data.tokens,
+                           min_tokens=MIN_CALIB_TOKENS.get(moe.router, data.seq_len))
+
+
+def calibration_record(data: DataConfig, calib_blocks: torch.Tensor) -> dict:
+    return {**data.__dict__, "tokens_used": calib_blocks.numel(),
+            "token_ids_sha256": provenance.sha256_tokens(calib_blocks)}
 
 
 def build(model, tokenizer, stats: list, moe: MoEConfig, record: dict | None = None,
@@ -166,31 +185,47 @@ def build(model, tokenizer, stats: list, moe: MoEConfig, record: dict | None = N
     layers, reports = [], []
     bar = tqdm(family.block_list(model), desc="experts and routers", disable=None if progress else True)
     for i, block in enumerate(bar):
-        ffn = family.dense_ffn(block, model.config)
-        split = split_neurons(moe.method, ffn, stats[i], moe.num_experts, moe.shared, moe.seed + i)
-        torch.manual_seed(moe.seed + i)  # router initialisation and training depend on the seed alone
-        layer = MoEFFN.from_dense(ffn, split.shared, split.experts, router_spec(moe.router, moe))
-        layer.set_selection(*_selection(layer, moe))
-        pregated = moe.router_input == "previous" and i > 0  # Pre-gated MoE; the first layer has no previous one
-        if pregated:
-            layer.set_router_input("previous")
-        metrics = build_router(layer, stats[i].inputs, moe, router_inputs=stats[i - 1].inputs if pregated else None)
-        if moe.budget == "sensitivity":
-            metrics["error_curve"] = error_curve(layer, stats[i].inputs[:CURVE_TOKENS])
-        layers.append(layer.requires_grad_(False))
-        reports.append({"layer": i, "top_k": layer.top_k, **metrics})
-        log.info("layer %d: %s", i, metrics)
+        previous = stats[i - 1].inputs if i > 0 else None
+        layer, report = build_layer(i, family.dense_ffn(block, model.config), stats[i], moe, previous)
+        layers.append(layer)
+        reports.append(report)
 
     model.config.moefy = {"blocks": family.blocks_path(model), "ffn": family.ffn,
                           "identity": list(family.identity), "layers": [l.spec for l in layers]}
     install_moe(model, model.config.moefy, layers)
     record = {**(record or {}), "family": family.name, "moe": moe.to_dict(), "layers": reports}
     m = MoEModel(model.eval(), tokenizer, record)
+    apply_budget(m, moe)
+    return m
+
+
+def build_layer(i: int, ffn, stats, moe: MoEConfig, previous: torch.Tensor | None = None) -> tuple[MoEFFN, dict]:
+    """Layer i's MoE FFN from its dense FFN and FFNStats: grouping, router, selection; and its report.
+    `previous`: layer i-1's kept FFN inputs, which a pre-gated router (router_input="previous") reads."""
+    split = split_neurons(moe.method, ffn, stats, moe.num_experts, moe.shared, moe.seed + i)
+    torch.manual_seed(moe.seed + i)  # router initialisation and training depend on the seed alone
+    layer = MoEFFN.from_dense(ffn, split.shared, split.experts, router_spec(moe.router, moe))
+    layer.set_selection(*_selection(layer, moe))
+    pregated = moe.router_input == "previous" and i > 0  # Pre-gated MoE; the first layer has no previous one
+    if pregated:
+        if previous is None:
+            raise ConfigError("pre-gated routers (--router-input previous) need the previous layer's inputs; "
+                              "they are not available in --layerwise conversion")
+        layer.set_router_input("previous")
+    metrics = build_router(layer, stats.inputs, moe, router_inputs=previous if pregated else None)
+    if moe.budget == "sensitivity":
+        metrics["error_curve"] = error_curve(layer, stats.inputs[:CURVE_TOKENS])
+    log.info("layer %d: %s", i, metrics)
+    return layer.requires_grad_(False), {"layer": i, "top_k": layer.top_k, **metrics}
+
+
+def apply_budget(m: MoEModel, moe: MoEConfig):
+    """budget="sensitivity": split the active share across the layers by their error curves
+    (needs every layer built); the reports follow the new top-k."""
     if moe.budget == "sensitivity" and moe.active is not None:
         m.set_active(moe.active)
-        for report, layer in zip(reports, layers):
+        for report, layer in zip(m.record["layers"], m.layers):
             report["top_k"] = layer.top_k
-    return m
 
 
 def _selection(layer: MoEFFN, moe: MoEConfig) -> tuple[int | None, float | None]:

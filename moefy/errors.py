@@ -27,3 +27,11 @@ class NonFiniteActivations(MoefyError):
 
 class OutputExists(MoefyError):
     pass
+
+
+class OutOfSpace(MoefyError):
+    pass
+
+
+class ResumeMismatch(MoefyError):
+    pass

@@ -7,6 +7,7 @@ An existing target is replaced only with overwrite=True."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -17,11 +18,11 @@ from pathlib import Path
 import torch
 import transformers
 
-from . import __version__
 from .convert import MoEModel
-from .errors import ModelLoadError, OutputExists
+from .errors import ModelLoadError, OutputExists, OutOfSpace
 from .modeling_moefy import PREFIX, base_class, moefy_class
 from .models import check_vocabulary
+from .provenance import RUN_FILE, run_info, versions
 
 RECORD = "moefy.json"
 REMOTE_CODE = ("modeling_moefy.py", "moe_layer.py", "sparse_ffn.py")
@@ -33,27 +34,58 @@ def check_target(path: str | os.PathLike, overwrite: bool):
         raise OutputExists(f"{path} already exists; pass --overwrite (overwrite=True) to replace it")
 
 
-def save(m: MoEModel, folder: str | os.PathLike, overwrite: bool = False) -> Path:
-    target = Path(folder)
+def save(m: MoEModel, folder: str | os.PathLike, overwrite: bool = False, command: str = "convert") -> Path:
+    """Write the model folder (atomically, after checking free space), with moefy.json and
+    moefy_run.json (provenance.run_info: settings, seeds, versions, hashes)."""
+    size = sum(t.numel() * t.element_size() for t in m.model.state_dict().values())
+    with staging(folder, overwrite, size) as tmp:
+        m.model.save_pretrained(tmp, safe_serialization=True)
+        finish_folder(tmp, m.tokenizer, type(m.model).__name__, m.family.causal,
+                      {**m.record, "assignment": _assignment(m)}, command)
+    return Path(folder)
+
+
+@contextlib.contextmanager
+def staging(target: str | os.PathLike, overwrite: bool, size: int):
+    """A temporary folder beside `target` to write into; renamed to `target` when the block ends
+    without error, removed otherwise. Refuses an existing target without overwrite, and a disk
+    with less free space than `size` bytes plus a margin."""
+    target = Path(target)
     check_target(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
+    check_free_space(target.parent, size)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
     try:
-        m.model.save_pretrained(tmp, safe_serialization=True)
-        m.tokenizer.save_pretrained(tmp)
-        here = Path(__file__).parent
-        for name in REMOTE_CODE:
-            shutil.copyfile(here / name, tmp / name)
-        base = type(m.model).__name__.removeprefix(PREFIX)
-        _edit_json(tmp / "config.json", architectures=[PREFIX + base],
-                   auto_map={_auto_name(m): f"modeling_moefy.{PREFIX}{base}"})
-        record = {**m.record, "assignment": _assignment(m), "versions": versions()}
-        (tmp / RECORD).write_text(json.dumps(record, indent=1))
+        yield tmp
         replace_path(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    return target
+
+
+def check_free_space(folder: str | os.PathLike, size: int, margin: float = 1.05):
+    """Refuse to start writing `size` bytes into `folder` when its disk has less free (+5%, +64 MB
+    for tokenizer, config and temporaries)."""
+    need = int(size * margin) + (64 << 20)
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise OutOfSpace(f"writing here needs about {need / 2**30:.2f} GiB but {folder} has only "
+                         f"{free / 2**30:.2f} GiB free; free some space or choose another --out")
+
+
+def finish_folder(tmp: Path, tokenizer, model_class: str, causal: bool, record: dict, command: str):
+    """Everything of a moefy folder but the weights and config.json's body: tokenizer, remote code,
+    the Moefy class in config.json, moefy.json and moefy_run.json."""
+    tokenizer.save_pretrained(tmp)
+    here = Path(__file__).parent
+    for name in REMOTE_CODE:
+        shutil.copyfile(here / name, tmp / name)
+    base = model_class.removeprefix(PREFIX)
+    auto = "AutoModelForCausalLM" if causal else "AutoModel"
+    _edit_json(tmp / "config.json", architectures=[PREFIX + base], auto_map={auto: f"modeling_moefy.{PREFIX}{base}"})
+    (tmp / RECORD).write_text(json.dumps({**record, "versions": versions()}, indent=1))
+    (tmp / RUN_FILE).write_text(json.dumps(run_info(record, command), indent=1))
 
 
 def load(folder: str | os.PathLike) -> MoEModel:
@@ -79,25 +111,23 @@ def load(folder: str | os.PathLike) -> MoEModel:
     return MoEModel(model.eval().requires_grad_(False), tokenizer, record)
 
 
-def write_json(path: str | os.PathLike, obj, overwrite: bool = True):
-    """Write JSON atomically (temporary file in the same folder, then rename)."""
+def write_json(path: str | os.PathLike, obj, overwrite: bool = True, run: dict | None = None):
+    """Write JSON atomically (temporary file in the same folder, then rename); with `run` (a
+    provenance.run_info dict), also <name>.moefy_run.json beside it."""
     path = Path(path)
     check_target(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
-        json.dump(obj, f, indent=1)
-    os.replace(f.name, path)
+    for target, content in ((path, obj), (run_path(path), run)):
+        if content is None:
+            continue
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{target.name}.", delete=False) as f:
+            json.dump(content, f, indent=1)
+        os.replace(f.name, target)
 
 
-def versions() -> dict:
-    import platform
-
-    return {"moefy": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
-
-
-def _auto_name(m: MoEModel) -> str:
-    return "AutoModelForCausalLM" if m.family.causal else "AutoModel"
+def run_path(json_path: Path) -> Path:
+    """Where the moefy_run record of a JSON output goes: x.json -> x.moefy_run.json."""
+    return json_path.with_name(f"{json_path.stem}.{RUN_FILE}")
 
 
 def _assignment(m: MoEModel) -> list[dict]:

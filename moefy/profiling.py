@@ -38,11 +38,12 @@ class FFNStats:
         if not (torch.isfinite(h).all() and torch.isfinite(x).all()):
             raise NonFiniteActivations(f"NaN or Inf in the FFN activations of {self.name}; "
                                        "check the model weights and --dtype")
-        if self.sum is None:
+        if self.sum is None:  # accumulators live where h is (the GPU when blocks run there)
             I = h.shape[1]
-            self.abs_sum, self.sum, self.sq_sum, self.marked = (torch.zeros(I, dtype=torch.float64) for _ in range(4))
+            self.abs_sum, self.sum, self.sq_sum, self.marked = (
+                torch.zeros(I, dtype=torch.float64, device=h.device) for _ in range(4))
             if self.want_coactivation:
-                self.coactivation = torch.zeros(I, I)
+                self.coactivation = torch.zeros(I, I, device=h.device)
         self.tokens += h.shape[0]
         self.abs_sum += h.abs().sum(0, dtype=torch.float64)
         self.sum += h.sum(0, dtype=torch.float64)
@@ -52,7 +53,7 @@ class FFNStats:
         if self.coactivation is not None:
             self.coactivation.addmm_(markers.T, markers)  # [I, I]
         if self._kept < self.keep_inputs:
-            take = x[: self.keep_inputs - self._kept].clone()
+            take = x[: self.keep_inputs - self._kept].to("cpu", copy=True)  # router training runs on the CPU
             self._inputs.append(take)
             self._kept += take.shape[0]
 
@@ -60,6 +61,12 @@ class FFNStats:
         k = max(1, round(self.marker_share * h.shape[1]))
         idx = h.abs().topk(k, dim=1).indices
         return torch.zeros_like(h).scatter_(1, idx, 1.0)
+
+    def cpu(self) -> "FFNStats":
+        for name in ("abs_sum", "sum", "sq_sum", "marked", "coactivation"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).cpu())
+        return self
 
     @property
     def activation_rate(self) -> torch.Tensor:
@@ -77,11 +84,12 @@ class FFNStats:
 
 
 @contextlib.contextmanager
-def capture(model, family: Family, stats: list[FFNStats]):
-    """Hooks on every FFN: its input x and its hidden activation h (the output projection's
-    input) go to that layer's FFNStats. The hooks are always removed."""
+def capture(model, family: Family, stats: list[FFNStats], blocks=None):
+    """Hooks on every FFN (of `blocks`, default all the model's): its input x and its hidden
+    activation h (the output projection's input) go to that layer's FFNStats. The hooks are
+    always removed."""
     handles = []
-    for block, st in zip(family.block_list(model), stats):
+    for block, st in zip(family.block_list(model) if blocks is None else blocks, stats):
         pending = {}
         handles.append(block.get_submodule(family.ffn).register_forward_pre_hook(
             lambda _m, args, pending=pending: pending.__setitem__("x", args[0].detach())))

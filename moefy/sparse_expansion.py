@@ -22,10 +22,12 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data as data_mod
+from . import provenance
 from .arch import DenseFFN, Family, family_for
 from .config import DataConfig
-from .convert import MoEModel
+from .convert import MoEModel, calibration_record
 from .errors import ConfigError, NonFiniteActivations
+from .layerwise import block_inputs, run_block
 from .modeling_moefy import install_moe
 from .pruning import InputStats, PruneConfig, prune, reconstruction_error
 from .sparse_ffn import ACTIVATIONS, SparseExpertFFN, nearest_centroid
@@ -86,6 +88,7 @@ def sparsify(model, tokenizer, prune_cfg: PruneConfig, expansion: ExpansionConfi
     data.validate()
     calib = data_mod.blocks(data.source, tokenizer, data.seq_len, max_tokens=data.tokens,
                             min_tokens=expansion.num_experts * data.seq_len)
+    weights = provenance.weights_hash(source, model)  # before any FFN is pruned
     states = block_inputs(model, family, calib, data.batch_size)
     layers, reports = [], []
     for i, block in enumerate(tqdm(family.block_list(model), desc="pruning", disable=None if progress else True)):
@@ -105,48 +108,13 @@ def sparsify(model, tokenizer, prune_cfg: PruneConfig, expansion: ExpansionConfi
     model.config.moefy = {"blocks": family.blocks_path(model), "ffn": family.ffn,
                           "identity": list(family.identity), "layers": [l.spec for l in layers]}
     install_moe(model, model.config.moefy, layers)
-    record = {"source": source, "kind": "sparse_expansion", "family": family.name, "prune": prune_cfg.to_dict(),
-              "expansion": asdict(expansion), "calibration": {**asdict(data), "tokens_used": calib.numel()},
-              "layers": reports}
+    record = {"source": source, "source_weights": weights, "kind": "sparse_expansion", "family": family.name,
+              "prune": prune_cfg.to_dict(), "expansion": asdict(expansion),
+              "calibration": calibration_record(data, calib), "layers": reports}
     return MoEModel(model.eval(), tokenizer, record)
 
 
 # -- sequential calibration -------------------------------------------------------------------
-
-
-class _Stop(Exception):
-    pass
-
-
-@torch.no_grad()
-def block_inputs(model, family: Family, blocks: torch.Tensor, batch_size: int) -> list[tuple]:
-    """The first block's input per batch: (hidden states [b, L, D], the other keyword arguments
-    the model passed to it: masks, position embeddings). The rest of the model is not run."""
-    captured = []
-
-    def hook(_m, args, kwargs):
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden, kwargs))
-        raise _Stop
-
-    handle = family.block_list(model)[0].register_forward_pre_hook(hook, with_kwargs=True)
-    extra = {"use_cache": False} if family.causal else {}
-    try:
-        for batch in blocks.split(batch_size):
-            try:
-                model(input_ids=batch.to(model.device), **extra)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    return captured
-
-
-@torch.no_grad()
-def run_block(block, hidden, kwargs):
-    out = block(hidden, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
 
 
 @torch.no_grad()

@@ -134,6 +134,9 @@ def test_cli_prune_then_eval(tiny_folder, tmp_path):
     assert r.exit_code == 0, r.output
     result = json.loads(js.read_text())
     assert result["active_ffn_share"] < 0.55 and result["ppl"] > 1 and result["dense_ppl"] > 1
+    run = json.loads((out / "moefy_run.json").read_text())
+    assert run["command"] == "prune" and run["seeds"] == {"expansion": 0} and run["settings"]["prune"]["nm"] == [2, 4]
+    assert run == {**json.loads(js.with_name(f"{js.stem}.moefy_run.json").read_text()), "created": run["created"]}
     r = runner.invoke(app, ["eval", str(out), "--data", "pydoc:heldout", "--tokens", "512", "--seq-len", "32"])
     assert r.exit_code == 0 and f"{result['ppl']:.3f}" in r.output, r.output
 

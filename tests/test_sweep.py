@@ -58,6 +58,9 @@ def test_sweep_cli_writes_json_plot_and_table(tiny_folder, tmp_path):
     assert all(r["ppl_ratio"] > 0 and r["moe"]["active_ffn_share"] <= r["active_target"] for r in result["rows"])
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| dense |" in (out / "sweep.md").read_text()
+    run = json.loads((out / "moefy_run.json").read_text())
+    assert run["command"] == "sweep" and len(run["source_weights"]["sha256"]) == 64
+    assert len(run["calibration"]["token_ids_sha256"]) == 64 and "torch" in run["versions"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 2 and "--overwrite" in r.output

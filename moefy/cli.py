@@ -185,7 +185,8 @@ def tune(
         typer.echo(f"saved {out} ({record['steps']} steps, {record['tokens_seen']} tokens, {record['seconds']:.0f} s; "
                    f"KL {record['kl_first_10_steps']:.4f} -> {record['kl_last_10_steps']:.4f})")
         if evaluate:
-            _report(m, heldout, eval_data, json_out)
+            _report(m, heldout, eval_data, json_out, run=_run_info(m.record, "tune", out, {"data": eval_data,
+                    "tokens": eval_tokens, "seq_len": seq_len}))
 
     _run(body)
 

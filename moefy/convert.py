@@ -160,7 +160,7 @@ def calibrate(model, tokenizer, moe: MoEConfig, data: DataConfig, progress: bool
                                 coactivation=moe.method in NEEDS_COACTIVATION, keep_inputs=data.tokens,
                                 progress=progress))
     distributed.reduce(stats)  # torchrun: every rank now holds the statistics of all batches
-    stats.record = {**calibration_record(data, calib_blocks), "processes": distributed.world()[1]}
+    stats.record = calibration_record(data, calib_blocks)
     return stats
 
 
@@ -175,7 +175,8 @@ def calibration_blocks(model, tokenizer, moe: MoEConfig, data: DataConfig) -> to
 
 def calibration_record(data: DataConfig, calib_blocks: torch.Tensor) -> dict:
     return {**data.__dict__, "tokens_used": calib_blocks.numel(),
-            "token_ids_sha256": provenance.sha256_tokens(calib_blocks)}
+            "token_ids_sha256": provenance.sha256_tokens(calib_blocks),
+            "processes": distributed.world()[1]}  # > 1 under torchrun
 
 
 def build(model, tokenizer, stats: list, moe: MoEConfig, record: dict | None = None,

@@ -144,7 +144,7 @@ def tune(
     data: str = typer.Option("wiki-sample:calib", help="Training text (as --calib)."),
     minutes: Optional[float] = typer.Option(30.0, help="Wall-clock budget in minutes (with --tokens: whichever ends first)."),
     tokens: Optional[int] = typer.Option(None, help="Token budget."),
-    lr: float = typer.Option(1e-4, help="Peak AdamW learning rate (cosine decay over the budget)."),
+    lr: float = typer.Option(3e-4, help="Peak AdamW learning rate (cosine decay over the budget)."),
     train: str = typer.Option("ffn", help="What learns: ffn (experts and shared neurons) or all (also attention, norms)."),
     batch_size: int = typer.Option(4, help="Blocks per step."),
     seq_len: int = typer.Option(256, help="Tokens per block."),

@@ -53,7 +53,7 @@ class TuneConfig:
     batch_size: int = 4              # blocks per step
     minutes: float | None = 30.0     # wall-clock budget (None: tokens only)
     tokens: int | None = None        # token budget (None: minutes only)
-    lr: float = 1e-4                 # peak AdamW learning rate
+    lr: float = 3e-4                 # peak AdamW learning rate (3e-4 beat 1e-4 at 20 steps, BENCHMARKS.md)
     warmup: int = 10                 # linear warm-up steps
     train: str = "ffn"               # "ffn": experts + shared neurons; "all": also attention and norms
     checkpoint_minutes: float = 5.0  # wall-clock between checkpoints

@@ -133,6 +133,59 @@ def eval_cmd(
 
 
 @app.command()
+def tune(
+    run: Path = typer.Argument(..., help="A folder written by `moefy convert`."),
+    out: Path = typer.Option(..., help="Output folder for the tuned model."),
+    data: str = typer.Option("wiki-sample:calib", help="Training text (as --calib)."),
+    minutes: Optional[float] = typer.Option(30.0, help="Wall-clock budget in minutes (with --tokens: whichever ends first)."),
+    tokens: Optional[int] = typer.Option(None, help="Token budget."),
+    lr: float = typer.Option(1e-4, help="Peak AdamW learning rate (cosine decay over the budget)."),
+    train: str = typer.Option("ffn", help="What learns: ffn (experts and shared neurons) or all (also attention, norms)."),
+    batch_size: int = typer.Option(4, help="Blocks per step."),
+    seq_len: int = typer.Option(256, help="Tokens per block."),
+    active: Optional[float] = typer.Option(None, help="Tune at this FFN compute share (default: the saved top-k)."),
+    tau: Optional[float] = typer.Option(None, help="Tune with dynamic-k at this threshold."),
+    checkpoint_minutes: float = typer.Option(5.0, help="Minutes between checkpoints (in OUT.tuning/)."),
+    resume: bool = typer.Option(False, help="Continue from the checkpoint in OUT.tuning/."),
+    seed: int = typer.Option(0, help="Seeds the data order."),
+    evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Evaluate against the source dense model after tuning."),
+    eval_data: str = typer.Option("wiki-sample:heldout", help="Held-out text for --eval."),
+    eval_tokens: int = typer.Option(8192, help="Held-out tokens for --eval."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the evaluation as JSON here."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+    verbose: bool = typer.Option(False, "-v", "--verbose"),
+):
+    """Recovery tuning: distil the MoE model toward the dense model within a time or token budget."""
+    _logging(verbose)
+
+    def body():
+        import shutil
+
+        from . import data as data_mod, save
+        from .io import check_target
+        from .tuning import TuneConfig, tune as tune_fn
+
+        if out.resolve() == run.resolve():
+            raise ConfigError("--out must differ from the input folder (the input is never modified)")
+        cfg = TuneConfig(data=data, seq_len=seq_len, batch_size=batch_size, minutes=minutes, tokens=tokens, lr=lr,
+                         train=train, checkpoint_minutes=checkpoint_minutes, seed=seed)
+        cfg.validate()
+        check_target(out, overwrite)
+        m = _open_run(run, json_out, overwrite, active=active, tau=tau)
+        heldout = data_mod.blocks(eval_data, m.tokenizer, seq_len, max_tokens=eval_tokens) if evaluate else None
+        checkpoint = out.parent / f"{out.name}.tuning"
+        record = tune_fn(m, cfg, checkpoint=checkpoint, resume=resume, progress=True)
+        save(m, out, overwrite=overwrite, command="tune")
+        shutil.rmtree(checkpoint, ignore_errors=True)
+        typer.echo(f"saved {out} ({record['steps']} steps, {record['tokens_seen']} tokens, {record['seconds']:.0f} s; "
+                   f"KL {record['kl_first_10_steps']:.4f} -> {record['kl_last_10_steps']:.4f})")
+        if evaluate:
+            _report(m, heldout, eval_data, json_out, run=_run_info(m.record, "tune"))
+
+    _run(body)
+
+
+@app.command()
 def bench(
     run: Path = typer.Argument(..., help="A folder written by `moefy convert`."),
     output_json: Optional[Path] = typer.Option(None, "--output-json", help="Write the result as JSON here."),
@@ -340,7 +393,7 @@ def _report_pruned(m, blocks, data, json_out, dense_ppl=None, run=None):
         write_json(json_out, result, run=run)
 
 
-analyze_app = typer.Typer(no_args_is_help=True, help="Analyses of a dense model's neurons.")
+analyze_app = typer.Typer(no_args_is_help=True, help="Analyses of a dense model's neurons or a converted model's routing.")
 app.add_typer(analyze_app, name="analyze")
 
 
@@ -385,7 +438,7 @@ def wasserstein_cmd(
         result, distances = wasserstein.analyse(loaded.model, loaded.tokenizer, calib_cfg, heldout, share=share,
                                                 sparsity=sparsity)
         result["source"] = loaded.source
-        _write_plot(wasserstein, distances, plot_out, Path(loaded.source).name)
+        _write_plot(wasserstein.plot, distances, plot_out, f"Wasserstein neurons: {Path(loaded.source).name}")
         write_json(json_out, result, overwrite=overwrite, run=run_info(info, "analyze wasserstein"))
         for row in result["layers"]:
             typer.echo(f"layer {row['layer']:>2}: W1 mean {row['mean']:.3f}  p90 {row['p90']:.3f}  max {row['max']:.3f}")
@@ -398,14 +451,136 @@ def wasserstein_cmd(
     _run(body)
 
 
-def _write_plot(wasserstein, distances, path: Path, title: str):
+def _write_plot(plot, data, path: Path, title: str):
     """The PNG through a temporary file and one rename, like every other output."""
     import os
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp.png"
-    wasserstein.plot(distances, tmp, title=f"Wasserstein neurons: {title}")
-    os.replace(tmp, path)
+    try:
+        plot(data, tmp, title=title)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@analyze_app.command("consistency")
+def consistency_cmd(
+    run: Path = typer.Argument(..., help="A folder written by `moefy convert`."),
+    data: str = typer.Option("wiki-sample:heldout", help="Text the routing is recorded on."),
+    tokens: int = typer.Option(8192, help="Tokens (whole blocks)."),
+    seq_len: int = typer.Option(512, help="Tokens per block; segments never cross blocks, so >= the longest --m."),
+    m: list[int] = typer.Option([4, 16, 64, 256], "--m", help="Segment lengths in tokens; repeat the flag."),
+    rho: list[float] = typer.Option([1.0, 2.0, 4.0], "--rho", help="Cache sizes as multiples of k; repeat the flag."),
+    active: Optional[float] = typer.Option(None, help="Override: fixed top-k per layer for this FFN compute share."),
+    top_k: Optional[int] = typer.Option(None, help="Override the saved fixed top-k."),
+    tau: Optional[float] = typer.Option(None, help="Override with dynamic-k at this threshold."),
+    json_out: Path = typer.Option(Path("runs/consistency.json"), "--json", help="Per-layer SRP and SCH (JSON)."),
+    plot_out: Path = typer.Option(Path("runs/consistency.png"), "--plot", help="The plot (PNG)."),
+    overwrite: bool = typer.Option(False, help="Replace existing --json / --plot files."),
+):
+    """Local routing consistency (moe-lrc): SRP and SCH per layer and segment length."""
+    _logging(False)
+
+    def body():
+        from . import data as data_mod
+        from .analysis import consistency, routes
+        from .io import check_target, write_json
+
+        check_target(json_out, overwrite)
+        check_target(plot_out, overwrite)
+        consistency.check(seq_len, m, rho)
+        model = _open_run(run, json_out, overwrite, active=active, top_k=top_k, tau=tau)
+        blocks = data_mod.blocks(data, model.tokenizer, seq_len, max_tokens=tokens)
+        result = {"run": str(run), "data": data, **consistency.analyse(routes.routing_masks(model, blocks), m, rho)}
+        _write_plot(consistency.plot, result, plot_out, f"Routing consistency: {run.name}, {data}")
+        write_json(json_out, result, overwrite=overwrite, run=_run_info(model.record, "analyze consistency", run, {
+            "data": data, "tokens": tokens, "seq_len": seq_len, "m": m, "rho": rho, "active": active,
+            "top_k": top_k, "tau": tau}))
+        typer.echo(consistency.markdown(result))
+        typer.echo(f"wrote {json_out} and {plot_out}")
+
+    _run(body)
+
+
+@analyze_app.command("specialisation")
+def specialisation_cmd(
+    run: Path = typer.Argument(..., help="A folder written by `moefy convert`."),
+    data: list[str] = typer.Option(["wiki-sample:heldout", "pydoc:heldout"], help="Two text domains; give the flag twice."),
+    tokens: int = typer.Option(8192, help="Tokens per domain (the larger domain is cut to the smaller's blocks)."),
+    seq_len: int = typer.Option(256, help="Tokens per block."),
+    active: Optional[float] = typer.Option(None, help="Override: fixed top-k per layer for this FFN compute share."),
+    top_k: Optional[int] = typer.Option(None, help="Override the saved fixed top-k."),
+    tau: Optional[float] = typer.Option(None, help="Override with dynamic-k at this threshold."),
+    json_out: Path = typer.Option(Path("runs/specialisation.json"), "--json", help="Per-layer usage and overlap (JSON)."),
+    plot_out: Path = typer.Option(Path("runs/specialisation.png"), "--plot", help="The plot (PNG)."),
+    overwrite: bool = typer.Option(False, help="Replace existing --json / --plot files."),
+):
+    """Which experts two text domains use per layer, their overlap, and how it changes with depth."""
+    _logging(False)
+
+    def body():
+        from . import data as data_mod
+        from .analysis import routes, specialisation
+        from .io import check_target, write_json
+
+        if len(data) != 2 or data[0] == data[1]:
+            raise ConfigError(f"give exactly two different --data texts, got {data}")
+        check_target(json_out, overwrite)
+        check_target(plot_out, overwrite)
+        model = _open_run(run, json_out, overwrite, active=active, top_k=top_k, tau=tau)
+        texts = {d: data_mod.blocks(d, model.tokenizer, seq_len, max_tokens=tokens) for d in data}
+        result = {"run": str(run), **specialisation.analyse({d: routes.routing_masks(model, t) for d, t in texts.items()})}
+        _write_plot(specialisation.plot, result, plot_out, f"Specialisation: {run.name}")
+        write_json(json_out, result, overwrite=overwrite, run=_run_info(model.record, "analyze specialisation", run, {
+            "data": data, "tokens": tokens, "seq_len": seq_len, "active": active, "top_k": top_k, "tau": tau}))
+        typer.echo(specialisation.markdown(result))
+        typer.echo(f"wrote {json_out} and {plot_out}")
+
+    _run(body)
+
+
+@app.command()
+def report(
+    run: Path = typer.Argument(..., help="A folder written by `moefy convert`."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default: RUN-report beside RUN)."),
+    data: list[str] = typer.Option(["wiki-sample:heldout", "pydoc:heldout"],
+                                   help="Texts: the first for quality and consistency, the first two for specialisation."),
+    tokens: int = typer.Option(8192, help="Tokens per text for the routing analyses."),
+    seq_len: int = typer.Option(512, help="Tokens per block for the routing analyses."),
+    active: list[float] = typer.Option([0.25, 0.5, 0.75], help="FFN compute shares of the quality points; repeat the flag."),
+    m: list[int] = typer.Option([4, 16, 64, 256], "--m", help="Consistency: segment lengths in tokens; repeat the flag."),
+    rho: list[float] = typer.Option([1.0, 2.0, 4.0], "--rho", help="Consistency: cache sizes as multiples of k."),
+    eval_tokens: int = typer.Option(8192, help="Held-out tokens per quality point."),
+    sweep_json: Optional[Path] = typer.Option(None, "--sweep", help="A `moefy sweep` sweep.json: its curves instead."),
+    bench_json: Optional[Path] = typer.Option(None, "--bench", help="A `moefy bench --output-json` file."),
+    wasserstein_json: Optional[Path] = typer.Option(None, "--wasserstein", help="A `moefy analyze wasserstein` JSON."),
+    consistency_json: Optional[Path] = typer.Option(None, "--consistency", help="A `moefy analyze consistency` JSON."),
+    specialisation_json: Optional[Path] = typer.Option(None, "--specialisation",
+                                                       help="A `moefy analyze specialisation` JSON."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+    verbose: bool = typer.Option(False, "-v", "--verbose"),
+):
+    """One page on a converted model: report.md with its PNGs, and a self-contained report.html."""
+    _logging(verbose)
+
+    def body():
+        from . import load
+        from . import report as report_mod
+        from .io import check_target
+
+        target = out if out is not None else run.parent / f"{run.name}-report"
+        check_target(target, overwrite)
+        files = {"sweep": sweep_json, "bench": bench_json, "wasserstein": wasserstein_json,
+                 "consistency": consistency_json, "specialisation": specialisation_json}
+        loaded = {k: report_mod.read_json(p, k) for k, p in files.items() if p is not None}
+        inputs = report_mod.Inputs(data=list(data), tokens=tokens, seq_len=seq_len, eval_tokens=eval_tokens,
+                                   actives=list(active), segments=list(m), ratios=list(rho), **loaded)
+        report_mod.check(inputs)
+        report_mod.build(load(run), run.name, inputs, target, overwrite=overwrite)
+        typer.echo(f"wrote {target}/report.md, report.html")
+
+    _run(body)
 
 
 def _open_run(run, json_out, overwrite, active=None, top_k=None, tau=None):

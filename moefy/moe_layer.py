@@ -288,9 +288,11 @@ class MoEFFN(nn.Module):
 
     def _sparse(self, x):
         T = x.shape[0]
+        if torch.is_grad_enabled() and self.w_in.requires_grad:
+            return self._masked(x)
         kern = _kernels()
         if kern is not None and x.dtype == torch.float32 and x.device.type == "cpu" and not (
-                torch.is_grad_enabled() and (x.requires_grad or self.w_in.requires_grad)):
+                torch.is_grad_enabled() and x.requires_grad):
             args = self._kernel_args(kern)
             if args is not None:
                 return self._sparse_kernel(kern, args, x.contiguous())
@@ -333,6 +335,20 @@ class MoEFFN(nn.Module):
             self.experts_selected += len(experts)
             y = kern.experts(args, x, experts, F.pad(mask.sum(1).cumsum(0), (1, 0)), shared=few)
         return y if few or self.shared_in is None else y + self._shared(x)
+
+    def _masked(self, x):
+        """Training path (recovery tuning, moefy.tuning): the same function as the sparse paths,
+        computed as every routed neuron with the unselected experts zeroed, so that one GEMM per
+        matrix carries the gradients of all selected experts. It saves no FLOPs; inference never
+        takes it (only when the expert weights require grad under autograd)."""
+        E, n, D = self.w_in.shape
+        with torch.no_grad():
+            mask = self.route(x)  # [T, E]
+        self.tokens_seen += x.shape[0]
+        self.experts_selected += int(mask.sum())
+        h = self.hidden_all(x).view(-1, E, n) * mask.unsqueeze(-1).to(x.dtype)
+        y = h.flatten(1) @ self.w_out.flatten(0, 1)
+        return y if self.shared_in is None else y + self._shared(x)
 
     def _hidden(self, x, w_in, w_up, b_in):
         h = ACTIVATIONS[self.act](F.linear(x, w_in, b_in))

@@ -88,6 +88,7 @@ def train_mlp_router(moe: MoEFFN, inputs: torch.Tensor, *, loss: str, steps: int
             opt.step()
             sched.step()
         router.eval()
+    opt.zero_grad(set_to_none=True)  # no stale gradients left on the saved router
     router.requires_grad_(False)
     with torch.no_grad():
         val_loss = float(objective(router.logits(inputs[val]), targets[val]))

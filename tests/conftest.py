@@ -74,3 +74,15 @@ def outputs(model, ids):
     """Logits of a causal LM, the last hidden state of an encoder."""
     out = model(input_ids=ids)
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tokenizer):
+    """A tiny llama converted to 8 experts at 50% and saved: a folder for the commands that read runs."""
+    import moefy
+    from moefy.config import DataConfig, MoEConfig
+
+    m = moefy.convert(tiny_model("llama"), tokenizer=tokenizer,
+                      moe=MoEConfig(num_experts=8, active=0.5, shared=0.0, router_steps=30, router_hidden=16),
+                      data=DataConfig(source="pydoc", seq_len=32, tokens=2048, batch_size=16))
+    return moefy.save(m, tmp_path_factory.mktemp("runs") / "tiny-moe")

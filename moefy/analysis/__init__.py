@@ -1,1 +1,1 @@
-"""Analyses of a dense model's neurons (not part of the conversion pipeline)."""
+"""Analyses of a dense model's neurons and of a converted model's routing (not part of the conversion pipeline)."""

@@ -1,0 +1,247 @@
+"""Recovery tuning: distil the MoE model toward its dense self within a CPU budget.
+
+The student is the converted model with its routers fixed; the teacher is the same model with
+every expert active (an exact copy of the dense model, taken before any update). The loss is the
+KL divergence from the teacher's next-token distribution to the student's on calibration text,
+so the experts and shared neurons learn to make up for what the router leaves out (issue #4,
+part 4). Training runs MoEFFN's masked path: the same function as inference, one GEMM per
+matrix.
+
+The budget is wall-clock minutes and/or tokens, whichever ends first; the learning rate follows
+a cosine over the budget. State is checkpointed into a folder (trainable weights as safetensors,
+optimizer state, the data order, a fingerprint of model, settings and data) so a killed run
+resumes where its last checkpoint left it.
+
+# B blocks per step, L tokens per block, V vocabulary
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from . import data as data_mod
+from .convert import MoEModel
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+TRAINABLE = {
+    # experts and shared neurons of every MoE layer
+    "ffn": ("w_in", "w_up", "b_in", "w_out", "shared_in", "shared_up", "shared_b_in", "shared_out"),
+}
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    data: str = "wiki-sample:calib"  # training text (same forms as --calib)
+    seq_len: int = 256               # tokens per block
+    batch_size: int = 4              # blocks per step
+    minutes: float | None = 30.0     # wall-clock budget (None: tokens only)
+    tokens: int | None = None        # token budget (None: minutes only)
+    lr: float = 1e-4                 # peak AdamW learning rate
+    warmup: int = 10                 # linear warm-up steps
+    train: str = "ffn"               # "ffn": experts + shared neurons; "all": also attention and norms
+    checkpoint_minutes: float = 5.0  # wall-clock between checkpoints
+    seed: int = 0                    # data order
+
+    def validate(self):
+        if self.minutes is None and self.tokens is None:
+            raise ConfigError("give a tuning budget: minutes, tokens or both")
+        if self.minutes is not None and self.minutes <= 0:
+            raise ConfigError(f"minutes must be positive, got {self.minutes}")
+        if self.tokens is not None and self.tokens < self.seq_len * self.batch_size:
+            raise ConfigError(f"tokens ({self.tokens}) must cover at least one step of "
+                              f"{self.batch_size} blocks x {self.seq_len} tokens")
+        if self.train not in ("ffn", "all"):
+            raise ConfigError(f"unknown --train {self.train!r}; choose ffn or all")
+        if not 0 < self.lr < 1:
+            raise ConfigError(f"learning rate must be in (0, 1), got {self.lr}")
+        if self.batch_size < 1 or self.seq_len < 8:
+            raise ConfigError("batch size must be positive and seq_len at least 8")
+        if self.checkpoint_minutes <= 0:
+            raise ConfigError(f"checkpoint interval must be positive, got {self.checkpoint_minutes}")
+
+    def budget_used(self, seconds: float, tokens: int) -> float:
+        """Share of the budget spent, in [0, 1]: the larger of time and tokens."""
+        used = 0.0
+        if self.minutes is not None:
+            used = max(used, seconds / (60 * self.minutes))
+        if self.tokens is not None:
+            used = max(used, tokens / self.tokens)
+        return min(used, 1.0)
+
+
+def trainable_parameters(m: MoEModel, what: str) -> dict[str, torch.nn.Parameter]:
+    """The parameters `what` trains, by name; routers, embeddings and the output head stay fixed
+    (routers pick the experts the student is trained with; the head and embeddings are most of a
+    small model's weights and are not where the MoE error is)."""
+    moe_names = {id(getattr(layer, n)) for layer in m.layers for n in TRAINABLE["ffn"]
+                 if getattr(layer, n) is not None}
+    out = {}
+    for name, p in m.model.named_parameters():
+        if id(p) in moe_names:
+            out[name] = p
+        elif what == "all" and ".router." not in name and "embed" not in name and "lm_head" not in name \
+                and "wte" not in name and "wpe" not in name:
+            out[name] = p
+    return out
+
+
+def fingerprint(m: MoEModel, cfg: TuneConfig, blocks: torch.Tensor) -> str:
+    """Hash of the starting weights, the tuning settings and the training tokens."""
+    h = hashlib.sha256()
+    for name, t in sorted(m.model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("minutes", "tokens", "checkpoint_minutes")}
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    h.update(blocks.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def tune(m: MoEModel, cfg: TuneConfig = TuneConfig(), checkpoint: str | os.PathLike | None = None,
+         resume: bool = False, progress: bool = False, on_step=None) -> dict:
+    """Distil `m` (in place) toward its dense self. Returns a record of the run (steps, tokens,
+    seconds, loss at start and end). With `checkpoint`, state is saved there every
+    cfg.checkpoint_minutes and at the end; `resume` continues from it (the fingerprint must match).
+    `on_step(step, loss)` is called after every step (tests use it to interrupt a run)."""
+    cfg.validate()
+    if m.record.get("kind") == "sparse_expansion":
+        raise ConfigError("recovery tuning works on `moefy convert` models, not on pruned folders")
+    if not m.family.causal:
+        raise ConfigError(f"recovery tuning distils next-token distributions; {m.family.name} is not a causal LM")
+    blocks = data_mod.blocks(cfg.data, m.tokenizer, cfg.seq_len, min_tokens=cfg.seq_len * cfg.batch_size)
+    fp = fingerprint(m, cfg, blocks)
+    teacher = _teacher(m)
+    params = trainable_parameters(m, cfg.train)
+    m.model.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=0.0)
+    state = {"step": 0, "tokens": 0, "seconds": 0.0, "losses": []}
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    if resume:
+        if ckpt is None or not (ckpt / "state.json").is_file():
+            raise ConfigError(f"nothing to resume: no checkpoint in {ckpt}")
+        _restore(ckpt, fp, params, opt, state)
+        log.info("resumed at step %d (%d tokens, %.0f s)", state["step"], state["tokens"], state["seconds"])
+
+    m.model.train(False)  # no dropout: the student must match inference
+    bar = tqdm(total=100, desc="recovery tuning", unit="%", disable=None if progress else True)
+    start, last_ckpt = time.monotonic() - state["seconds"], time.monotonic()
+    try:
+        while (used := cfg.budget_used(state["seconds"], state["tokens"])) < 1.0:
+            batch = _batch(blocks, state["step"], cfg)
+            lr = cfg.lr * min(1.0, (state["step"] + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * used))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            loss = _step(m.model, teacher, batch, opt)
+            state["step"] += 1
+            state["tokens"] += batch.numel()
+            state["seconds"] = time.monotonic() - start
+            state["losses"].append(loss)
+            bar.n = round(100 * cfg.budget_used(state["seconds"], state["tokens"]))
+            bar.set_postfix(loss=f"{loss:.4f}", step=state["step"])
+            log.info("step %d: KL %.4f, lr %.2e, %d tokens, %.0f s", state["step"], loss, lr, state["tokens"],
+                     state["seconds"])
+            if on_step is not None:
+                on_step(state["step"], loss)
+            if ckpt is not None and time.monotonic() - last_ckpt > 60 * cfg.checkpoint_minutes:
+                _save(ckpt, fp, cfg, params, opt, state)
+                last_ckpt = time.monotonic()
+    finally:
+        bar.close()
+        m.model.requires_grad_(False)
+        for layer in m.layers:
+            layer.reset_counters()
+    if ckpt is not None:
+        _save(ckpt, fp, cfg, params, opt, state)
+    losses = state["losses"]
+    head = sum(losses[:10]) / max(len(losses[:10]), 1)
+    tail = sum(losses[-10:]) / max(len(losses[-10:]), 1)
+    record = {**asdict(cfg), "steps": state["step"], "tokens_seen": state["tokens"], "seconds": round(state["seconds"], 1),
+              "trainable_parameters": sum(p.numel() for p in params.values()), "fingerprint": fp,
+              "kl_first_10_steps": head, "kl_last_10_steps": tail}
+    m.record["tuning"] = record
+    return record
+
+
+def _teacher(m: MoEModel):
+    """A frozen copy of the model in dense mode: exactly the dense model, whatever the student
+    becomes."""
+    teacher = copy.deepcopy(m.model).eval().requires_grad_(False)
+    for module in teacher.modules():
+        if hasattr(module, "all_experts"):
+            module.all_experts = True
+    return teacher
+
+
+def _batch(blocks, step: int, cfg: TuneConfig) -> torch.Tensor:
+    """Step `step`'s blocks: consecutive slices of a shuffled pass over the data, a new order
+    (seeded by cfg.seed and the epoch) each pass; a function of the step alone, so a resumed run
+    sees the same batches."""
+    epoch, i = divmod(step * cfg.batch_size, len(blocks))
+    order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+    return blocks[order[i:i + cfg.batch_size]]
+
+
+def _step(student, teacher, batch, opt) -> float:
+    with torch.no_grad():
+        target = F.log_softmax(teacher(input_ids=batch).logits.float(), -1).flatten(0, 1)  # [B*L, V]
+    logits = student(input_ids=batch).logits.float()
+    loss = F.kl_div(F.log_softmax(logits, -1).flatten(0, 1), target, log_target=True, reduction="batchmean")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+
+def _save(folder: Path, fp: str, cfg: TuneConfig, params, opt, state):
+    """Atomic: a temporary folder beside the checkpoint, then one rename."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        save_file({k: p.detach().contiguous() for k, p in params.items()}, tmp / "weights.safetensors")
+        torch.save({"optimizer": opt.state_dict(), "losses": state["losses"]}, tmp / "state.pt")
+        meta = {"fingerprint": fp, "config": asdict(cfg), **{k: state[k] for k in ("step", "tokens", "seconds")}}
+        (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+        from .io import replace_path
+
+        replace_path(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def _restore(folder: Path, fp: str, params, opt, state):
+    meta = json.loads((folder / "state.json").read_text())
+    if meta["fingerprint"] != fp:
+        raise ConfigError(f"the checkpoint in {folder} was made from another model, data or settings "
+                          f"(fingerprint {meta['fingerprint']}, now {fp}); delete it or start without --resume")
+    weights = load_file(folder / "weights.safetensors")
+    if set(weights) != set(params):
+        raise ConfigError(f"the checkpoint in {folder} trains other parameters; delete it or start without --resume")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(weights[name])
+    saved = torch.load(folder / "state.pt", weights_only=True)
+    opt.load_state_dict(saved["optimizer"])
+    state.update({k: meta[k] for k in ("step", "tokens", "seconds")}, losses=list(saved["losses"]))

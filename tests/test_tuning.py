@@ -1,0 +1,164 @@
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+import moefy
+from moefy.cli import app
+from moefy.config import DataConfig, MoEConfig
+from moefy.errors import ConfigError
+from moefy.evaluate import perplexity
+from moefy.tuning import TuneConfig, trainable_parameters, tune
+
+from conftest import outputs, tiny_model
+
+DATA = DataConfig(source="pydoc", seq_len=32, tokens=2048, batch_size=16)
+MOE = MoEConfig(num_experts=8, active=0.5, shared=0.25, router_steps=30, router_hidden=16)
+
+
+def cfg(**kw):
+    return TuneConfig(**{"data": "pydoc:calib", "seq_len": 32, "batch_size": 2, "minutes": None, "tokens": 64 * 12,
+                         "lr": 3e-3, "warmup": 2, **kw})
+
+
+@pytest.fixture(scope="module")
+def base(tokenizer):
+    return moefy.convert(tiny_model("llama"), moe=MOE, data=DATA, tokenizer=tokenizer)
+
+
+@pytest.fixture
+def converted(base):
+    return copy.deepcopy(base)
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(5, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def kl(logits, dense) -> float:
+    return float(F.kl_div(F.log_softmax(logits, -1).flatten(0, 1), F.log_softmax(dense, -1).flatten(0, 1),
+                          log_target=True, reduction="batchmean"))
+
+
+@pytest.mark.parametrize("tau", [None, 0.4])
+def test_training_path_is_the_inference_function(converted, ids, tau):
+    """The masked path (autograd on, weights trainable) computes what the sparse paths compute,
+    and only the selected experts receive gradients."""
+    if tau is not None:
+        converted.set_routing(tau=tau)
+    layer = converted.layers[0]
+    x = torch.randn(2, 24, layer.spec["hidden"], generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = layer(x)
+    layer.requires_grad_(True)
+    try:
+        y = layer(x)
+        torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+        y.square().sum().backward()
+        used = layer.route(x.reshape(-1, x.shape[-1])).any(0)  # [E]
+        grad_rows = layer.w_in.grad.abs().sum((1, 2)) > 0
+        assert torch.equal(grad_rows, used)
+        assert layer.router.fc1.weight.grad is None  # routers are not trained through the mask
+    finally:
+        layer.requires_grad_(False)
+
+
+def test_tuning_brings_the_moe_model_closer_to_dense(converted, tokenizer):
+    held = moefy.data.blocks("pydoc:heldout", tokenizer, 32, max_tokens=1024)
+    routers = {n: p.clone() for n, p in converted.model.named_parameters() if ".router." in n}
+    with converted.all_experts():
+        dense = outputs(converted.model, held)
+    before = kl(outputs(converted.model, held), dense)
+    record = tune(converted, cfg(tokens=64 * 40))
+    after = kl(outputs(converted.model, held), dense)
+    assert record["steps"] == 40 and record["tokens_seen"] == 64 * 40
+    assert record["kl_last_10_steps"] < record["kl_first_10_steps"]
+    assert after < 0.8 * before, (before, after)
+    for n, p in converted.model.named_parameters():  # routers untouched, nothing left trainable
+        assert not p.requires_grad
+        if n in routers:
+            assert torch.equal(p, routers[n])
+    assert converted.record["tuning"]["fingerprint"]
+
+
+def test_what_is_trained(converted):
+    ffn = trainable_parameters(converted, "ffn")
+    assert ffn and all(".mlp." in n and ".router." not in n for n in ffn)
+    every = trainable_parameters(converted, "all")
+    assert set(ffn) < set(every)
+    assert any("self_attn" in n for n in every) and not any("embed" in n or ".router." in n for n in every)
+
+
+class Stop(Exception):
+    pass
+
+
+def test_resume_after_a_kill_gives_the_uninterrupted_result(tokenizer, tmp_path):
+    def fresh():
+        return moefy.convert(tiny_model("llama"), moe=MOE, data=DATA, tokenizer=tokenizer)
+
+    whole = fresh()
+    tune(whole, cfg(), checkpoint=tmp_path / "a")
+
+    killed = fresh()
+
+    def kill(step, _loss):
+        if step == 7:
+            raise Stop
+
+    with pytest.raises(Stop):
+        tune(killed, cfg(checkpoint_minutes=1e-9), checkpoint=tmp_path / "b", on_step=kill)
+    assert json.loads((tmp_path / "b" / "state.json").read_text())["step"] == 6
+    resumed = fresh()  # a new process would load the untuned model again
+    record = tune(resumed, cfg(checkpoint_minutes=1e-9), checkpoint=tmp_path / "b", resume=True)
+    assert record["steps"] == whole.record["tuning"]["steps"]
+    for (n, a), (_, b) in zip(whole.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), n
+
+    other = fresh()
+    with pytest.raises(ConfigError, match="fingerprint"):
+        tune(other, cfg(lr=1e-3), checkpoint=tmp_path / "b", resume=True)
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        tune(other, cfg(), checkpoint=tmp_path / "none", resume=True)
+
+
+@pytest.mark.parametrize("bad,match", [(dict(minutes=None, tokens=None), "budget"), (dict(tokens=10), "at least one step"),
+                                       (dict(train="router"), "--train"), (dict(lr=0.0), "learning rate")])
+def test_bad_settings(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        cfg(**bad).validate()
+
+
+def test_encoders_are_refused(tokenizer):
+    m = moefy.convert(tiny_model("bert"), moe=MoEConfig(num_experts=8, shared=0, router="similarity"), data=DATA,
+                      tokenizer=tokenizer)
+    with pytest.raises(ConfigError, match="causal"):
+        tune(m, cfg())
+
+
+def test_cli_tune_then_eval_against_the_source(tiny_folder, tmp_path):
+    runner = CliRunner()
+    run, out = tmp_path / "moe", tmp_path / "tuned"
+    common = ["--seq-len", "32", "--eval-data", "pydoc:heldout", "--eval-tokens", "256"]
+    r = runner.invoke(app, ["convert", "--model", str(tiny_folder), "--calib", "pydoc", "--experts", "8",
+                            "--shared", "0", "--router", "similarity",
+                            "--calib-tokens", "2048", "--out", str(run), *common])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["tune", str(run), "--out", str(out), "--data", "pydoc:calib", "--tokens", "640",
+                            "--batch-size", "2", "--lr", "3e-3", "--json", str(tmp_path / "t.json"), *common])
+    assert r.exit_code == 0, r.output
+    assert "KL" in r.output and not (tmp_path / "tuned.tuning").exists()
+    result = json.loads((tmp_path / "t.json").read_text())
+    source = moefy.models.load(str(tiny_folder))
+    blocks = moefy.data.blocks("pydoc:heldout", source.tokenizer, 32, max_tokens=256)
+    assert result["dense"]["ppl"] == pytest.approx(perplexity(source.model, blocks)[0], rel=1e-6)
+    tuned = moefy.load(out)
+    assert tuned.record["tuning"]["steps"] == 10
+    r = runner.invoke(app, ["tune", str(run), "--out", str(out), "--tokens", "4096"])
+    assert r.exit_code == 2 and "already exists" in r.output
+    r = runner.invoke(app, ["tune", str(run), "--out", str(run), "--tokens", "4096"])
+    assert r.exit_code == 2 and "must differ" in r.output

@@ -180,7 +180,7 @@ def tune(
         heldout = data_mod.blocks(eval_data, m.tokenizer, seq_len, max_tokens=eval_tokens) if evaluate else None
         checkpoint = out.parent / f"{out.name}.tuning"
         record = tune_fn(m, cfg, checkpoint=checkpoint, resume=resume, progress=True)
-        save(m, out, overwrite=overwrite)
+        save(m, out, overwrite=overwrite, command="tune")
         shutil.rmtree(checkpoint, ignore_errors=True)
         typer.echo(f"saved {out} ({record['steps']} steps, {record['tokens_seen']} tokens, {record['seconds']:.0f} s; "
                    f"KL {record['kl_first_10_steps']:.4f} -> {record['kl_last_10_steps']:.4f})")
@@ -518,7 +518,9 @@ def consistency_cmd(
         blocks = data_mod.blocks(data, model.tokenizer, seq_len, max_tokens=tokens)
         result = {"run": str(run), "data": data, **consistency.analyse(routes.routing_masks(model, blocks), m, rho)}
         _write_plot(consistency.plot, result, plot_out, f"Routing consistency: {run.name}, {data}")
-        write_json(json_out, result, overwrite=overwrite)
+        write_json(json_out, result, overwrite=overwrite, run=_run_info(model.record, "analyze consistency", run, {
+            "data": data, "tokens": tokens, "seq_len": seq_len, "m": m, "rho": rho, "active": active,
+            "top_k": top_k, "tau": tau}))
         typer.echo(consistency.markdown(result))
         typer.echo(f"wrote {json_out} and {plot_out}")
 
@@ -554,7 +556,8 @@ def specialisation_cmd(
         texts = {d: data_mod.blocks(d, model.tokenizer, seq_len, max_tokens=tokens) for d in data}
         result = {"run": str(run), **specialisation.analyse({d: routes.routing_masks(model, t) for d, t in texts.items()})}
         _write_plot(specialisation.plot, result, plot_out, f"Specialisation: {run.name}")
-        write_json(json_out, result, overwrite=overwrite)
+        write_json(json_out, result, overwrite=overwrite, run=_run_info(model.record, "analyze specialisation", run, {
+            "data": data, "tokens": tokens, "seq_len": seq_len, "active": active, "top_k": top_k, "tau": tau}))
         typer.echo(specialisation.markdown(result))
         typer.echo(f"wrote {json_out} and {plot_out}")
 

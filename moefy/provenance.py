@@ -73,7 +73,7 @@ def versions() -> dict:
 
 def run_info(record: dict, command: str) -> dict:
     """moefy_run.json from a run's record: resolved settings, seeds, versions, hashes."""
-    settings = {k: record[k] for k in ("moe", "layerwise", "prune", "expansion", "settings") if k in record}
+    settings = {k: record[k] for k in ("moe", "layerwise", "prune", "expansion", "tuning", "settings") if k in record}
     seeds = {k: v["seed"] for k, v in settings.items() if isinstance(v, dict) and "seed" in v}
     return {"command": command, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "source": record.get("source"), "source_weights": record.get("source_weights"),

@@ -172,8 +172,9 @@ def tune(m: MoEModel, cfg: TuneConfig = TuneConfig(), checkpoint: str | os.PathL
     if ckpt is not None:
         _save(ckpt, fp, cfg, params, opt, state)
     losses = state["losses"]
-    head = sum(losses[:10]) / max(len(losses[:10]), 1)
-    tail = sum(losses[-10:]) / max(len(losses[-10:]), 1)
+    w = max(1, min(10, len(losses) // 2))  # windows that do not overlap when there are 2+ steps
+    head = sum(losses[:w]) / max(len(losses[:w]), 1)
+    tail = sum(losses[-w:]) / max(len(losses[-w:]), 1)
     record = {**asdict(cfg), "steps": state["step"], "tokens_seen": state["tokens"], "seconds": round(state["seconds"], 1),
               "trainable_parameters": sum(p.numel() for p in params.values()), "fingerprint": fp,
               "kl_first_10_steps": head, "kl_last_10_steps": tail}

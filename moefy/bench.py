@@ -32,12 +32,14 @@ from .moe_layer import ACTIVATIONS, MoEFFN
 
 class DenseFFNModule(nn.Module):
     """The dense FFN rebuilt from an MoEFFN's weights, laid out like the original model's FFN
-    (nn.Linear-style [out, in] weights): the honest baseline for timing."""
+    (nn.Linear-style [out, in] weights): the honest baseline for timing. With `experts` [K], only
+    the shared neurons and those experts' neurons (core.CoreFFN)."""
 
-    def __init__(self, moe: MoEFFN):
+    def __init__(self, moe: MoEFFN, experts: torch.Tensor | None = None):
         super().__init__()
+        pick = (lambda w: w) if experts is None else (lambda w: w[experts])  # noqa: E731
         flat = lambda shared, routed: None if routed is None else torch.cat(  # noqa: E731
-            [shared, routed.flatten(0, 1)] if shared is not None else [routed.flatten(0, 1)]).contiguous()
+            ([shared] if shared is not None else []) + [pick(routed).flatten(0, 1)]).contiguous()
         self.act = ACTIVATIONS[moe.act]
         self.w_in = nn.Parameter(flat(moe.shared_in, moe.w_in), requires_grad=False)  # [I, D]
         self.w_up = None if moe.w_up is None else nn.Parameter(flat(moe.shared_up, moe.w_up), requires_grad=False)

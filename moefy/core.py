@@ -19,33 +19,19 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from .bench import DenseFFNModule
 from .convert import MoEModel
-from .moe_layer import ACTIVATIONS, MoEFFN
+from .moe_layer import MoEFFN
 
 
-class CoreFFN(nn.Module):
+class CoreFFN(DenseFFNModule):
     """One MoE layer restricted to fixed experts: a dense FFN of S + K*n neurons, exactly the
     MoEFFN with every token's mask set to `experts` (up to float rounding)."""
 
     def __init__(self, layer: MoEFFN, experts: torch.Tensor):
-        super().__init__()
+        super().__init__(layer, experts)
         self.experts = experts
-        cat = lambda shared, routed: None if routed is None else torch.cat(  # noqa: E731
-            ([shared] if shared is not None else []) + [routed[experts].flatten(0, 1)])
-        self.act = ACTIVATIONS[layer.act]
-        self.w_in = cat(layer.shared_in, layer.w_in)  # [S + K*n, D]
-        self.w_up = cat(layer.shared_up, layer.w_up)
-        self.b_in = cat(layer.shared_b_in, layer.b_in)
-        self.w_out = cat(layer.shared_out, layer.w_out).T.contiguous()  # [D, S + K*n]
-        self.b_out = layer.b_out
-
-    def forward(self, x):
-        h = self.act(F.linear(x, self.w_in, self.b_in))
-        if self.w_up is not None:
-            h = h * F.linear(x, self.w_up)
-        return F.linear(h, self.w_out, self.b_out)
 
 
 def core_size(layer: MoEFFN, budget: str = "flops") -> int:

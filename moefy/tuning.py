@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from . import data as data_mod
 from .convert import MoEModel
 from .errors import ConfigError
+from .io import replace_path
 
 log = logging.getLogger(__name__)
 
@@ -224,8 +225,6 @@ def _save(folder: Path, fp: str, cfg: TuneConfig, params, opt, state):
         torch.save({"optimizer": opt.state_dict(), "losses": state["losses"]}, tmp / "state.pt")
         meta = {"fingerprint": fp, "config": asdict(cfg), **{k: state[k] for k in ("step", "tokens", "seconds")}}
         (tmp / "state.json").write_text(json.dumps(meta, indent=1))
-        from .io import replace_path
-
         replace_path(tmp, folder)
     finally:
         if tmp.exists():

@@ -146,6 +146,9 @@ def tune(
     tokens: Optional[int] = typer.Option(None, help="Token budget."),
     lr: float = typer.Option(3e-4, help="Peak AdamW learning rate (cosine decay over the budget)."),
     train: str = typer.Option("ffn", help="What learns: ffn (experts and shared neurons) or all (also attention, norms)."),
+    routers: bool = typer.Option(False, help="Also refit the MLP routers online to the tuned experts' output norms on "
+                                 "the tuned model's own inputs."),
+    router_lr: float = typer.Option(1e-3, help="Peak learning rate of the routers with --routers."),
     batch_size: int = typer.Option(4, help="Blocks per step."),
     seq_len: int = typer.Option(256, help="Tokens per block."),
     active: Optional[float] = typer.Option(None, help="Tune at this FFN compute share (default: the saved top-k)."),
@@ -173,7 +176,8 @@ def tune(
         if out.resolve() == run.resolve():
             raise ConfigError("--out must differ from the input folder (the input is never modified)")
         cfg = TuneConfig(data=data, seq_len=seq_len, batch_size=batch_size, minutes=minutes, tokens=tokens, lr=lr,
-                         train=train, checkpoint_minutes=checkpoint_minutes, seed=seed)
+                         train=train, routers=routers, router_lr=router_lr, checkpoint_minutes=checkpoint_minutes,
+                         seed=seed)
         cfg.validate()
         check_target(out, overwrite)
         m = _open_run(run, json_out, overwrite, active=active, tau=tau)

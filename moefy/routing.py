@@ -63,6 +63,12 @@ def router_targets(moe: MoEFFN, inputs: torch.Tensor, loss: str) -> torch.Tensor
         return s / s.amax(-1, keepdim=True).clamp_min(1e-12)
 
 
+def router_objective(moe: MoEFFN):
+    """(target kind for router_targets, loss function) of an MLP router, from its output."""
+    loss = {"norm": "norm", "log-norm": "log-norm", "probability": "bce"}[moe.router.output]
+    return loss, F.binary_cross_entropy_with_logits if loss == "bce" else F.mse_loss
+
+
 def train_mlp_router(moe: MoEFFN, inputs: torch.Tensor, *, loss: str, steps: int, lr: float,
                      seed: int, batch_size: int = 512, router_inputs: torch.Tensor | None = None) -> dict:
     """Fit the MLP router on calibration inputs (backbone frozen); returns validation metrics.

@@ -1,10 +1,12 @@
 """Recovery tuning: distil the MoE model toward its dense self within a CPU budget.
 
-The student is the converted model with its routers fixed; the teacher is the same model with
+The student is the converted model; the teacher is the same model with
 every expert active (an exact copy of the dense model, taken before any update). The loss is the
 KL divergence from the teacher's next-token distribution to the student's on calibration text,
 so the experts and shared neurons learn to make up for what the router leaves out (issue #4,
-part 4). Training runs MoEFFN's masked path: the same function as inference, one GEMM per
+part 4). The routers pick the experts without gradient; with `routers=True` each MLP router also
+keeps learning its conversion objective (the experts' output norms) online, on the inputs the
+tuned sparse model now produces and the experts as they are now. Training runs MoEFFN's masked path: the same function as inference, one GEMM per
 matrix.
 
 The budget is wall-clock minutes and/or tokens, whichever ends first; the learning rate follows
@@ -38,6 +40,7 @@ from . import data as data_mod
 from .convert import MoEModel
 from .errors import ConfigError
 from .io import replace_path
+from .routing import router_objective, router_targets
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,8 @@ class TuneConfig:
     lr: float = 3e-4                 # peak AdamW learning rate (3e-4 beat 1e-4 at 20 steps, BENCHMARKS.md)
     warmup: int = 10                 # linear warm-up steps
     train: str = "ffn"               # "ffn": experts + shared neurons; "all": also attention and norms
+    routers: bool = False            # also refit MLP routers online to the tuned experts' output norms
+    router_lr: float = 1e-3          # peak learning rate of the routers (same schedule)
     checkpoint_minutes: float = 5.0  # wall-clock between checkpoints
     seed: int = 0                    # data order
 
@@ -70,8 +75,8 @@ class TuneConfig:
                               f"{self.batch_size} blocks x {self.seq_len} tokens")
         if self.train not in ("ffn", "all"):
             raise ConfigError(f"unknown --train {self.train!r}; choose ffn or all")
-        if not 0 < self.lr < 1:
-            raise ConfigError(f"learning rate must be in (0, 1), got {self.lr}")
+        if not 0 < self.lr < 1 or not 0 < self.router_lr < 1:
+            raise ConfigError(f"learning rates must be in (0, 1), got {self.lr} and {self.router_lr} (routers)")
         if self.batch_size < 1 or self.seq_len < 8:
             raise ConfigError("batch size must be positive and seq_len at least 8")
         if self.checkpoint_minutes <= 0:
@@ -87,15 +92,17 @@ class TuneConfig:
         return min(used, 1.0)
 
 
-def trainable_parameters(m: MoEModel, what: str) -> dict[str, torch.nn.Parameter]:
-    """The parameters `what` trains, by name; routers, embeddings and the output head stay fixed
-    (routers pick the experts the student is trained with; the head and embeddings are most of a
-    small model's weights and are not where the MoE error is)."""
+def trainable_parameters(m: MoEModel, what: str, routers: bool = False) -> dict[str, torch.nn.Parameter]:
+    """The parameters `what` trains, by name, plus the routers' with `routers`; embeddings and
+    the output head stay fixed (they are most of a small model's weights and are not where the
+    MoE error is). Routers never learn from the distillation loss (top-k passes no gradient):
+    with `routers` they learn their own objective (_RouterFit)."""
     moe_names = {id(getattr(layer, n)) for layer in m.layers for n in TRAINABLE["ffn"]
                  if getattr(layer, n) is not None}
+    router_names = {id(p) for layer in m.layers for p in layer.router.parameters()} if routers else set()
     out = {}
     for name, p in m.model.named_parameters():
-        if id(p) in moe_names:
+        if id(p) in moe_names or id(p) in router_names:
             out[name] = p
         elif what == "all" and ".router." not in name and "embed" not in name and "lm_head" not in name \
                 and "wte" not in name and "wpe" not in name:
@@ -126,21 +133,30 @@ def tune(m: MoEModel, cfg: TuneConfig = TuneConfig(), checkpoint: str | os.PathL
         raise ConfigError("recovery tuning works on `moefy convert` models, not on pruned folders")
     if not m.family.causal:
         raise ConfigError(f"recovery tuning distils next-token distributions; {m.family.name} is not a causal LM")
+    if cfg.routers:
+        _RouterFit.check(m.layers)
     blocks = data_mod.blocks(cfg.data, m.tokenizer, cfg.seq_len, min_tokens=cfg.seq_len * cfg.batch_size)
     fp = fingerprint(m, cfg, blocks)
     teacher = _teacher(m)
     params = trainable_parameters(m, cfg.train)
+    routers = trainable_parameters(m, "ffn", routers=True) if cfg.routers else {}
+    routers = {k: p for k, p in routers.items() if k not in params}
     m.model.requires_grad_(False)
-    for p in params.values():
+    for p in (*params.values(), *routers.values()):
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=0.0)
-    state = {"step": 0, "tokens": 0, "seconds": 0.0, "losses": []}
+    groups = [{"params": list(params.values()), "lr": cfg.lr, "peak_lr": cfg.lr}]
+    if routers:
+        groups.append({"params": list(routers.values()), "lr": cfg.router_lr, "peak_lr": cfg.router_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    params = {**params, **routers}
+    state = {"step": 0, "tokens": 0, "seconds": 0.0, "losses": [], "router_losses": []}
     ckpt = Path(checkpoint) if checkpoint is not None else None
     if resume:
         if ckpt is None or not (ckpt / "state.json").is_file():
             raise ConfigError(f"nothing to resume: no checkpoint in {ckpt}")
         _restore(ckpt, fp, params, opt, state)
         log.info("resumed at step %d (%d tokens, %.0f s)", state["step"], state["tokens"], state["seconds"])
+    fit = _RouterFit(m.layers) if cfg.routers else None
 
     m.model.train(False)  # no dropout: the student must match inference
     bar = tqdm(total=100, desc="recovery tuning", unit="%", disable=None if progress else True)
@@ -148,18 +164,21 @@ def tune(m: MoEModel, cfg: TuneConfig = TuneConfig(), checkpoint: str | os.PathL
     try:
         while (used := cfg.budget_used(state["seconds"], state["tokens"])) < 1.0:
             batch = _batch(blocks, state["step"], cfg)
-            lr = cfg.lr * min(1.0, (state["step"] + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * used))
+            factor = min(1.0, (state["step"] + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * used))
             for g in opt.param_groups:
-                g["lr"] = lr
-            loss = _step(m.model, teacher, batch, opt)
+                g["lr"] = g["peak_lr"] * factor
+            loss, router_loss = _step(m.model, teacher, batch, opt, fit)
             state["step"] += 1
             state["tokens"] += batch.numel()
             state["seconds"] = time.monotonic() - start
             state["losses"].append(loss)
+            if router_loss is not None:
+                state["router_losses"].append(router_loss)
             bar.n = round(100 * cfg.budget_used(state["seconds"], state["tokens"]))
             bar.set_postfix(loss=f"{loss:.4f}", step=state["step"])
-            log.info("step %d: KL %.4f, lr %.2e, %d tokens, %.0f s", state["step"], loss, lr, state["tokens"],
-                     state["seconds"])
+            log.info("step %d: KL %.4f%s, lr %.2e, %d tokens, %.0f s", state["step"], loss,
+                     "" if router_loss is None else f", router loss {router_loss:.4f}", cfg.lr * factor,
+                     state["tokens"], state["seconds"])
             if on_step is not None:
                 on_step(state["step"], loss)
             if ckpt is not None and time.monotonic() - last_ckpt > 60 * cfg.checkpoint_minutes:
@@ -167,20 +186,65 @@ def tune(m: MoEModel, cfg: TuneConfig = TuneConfig(), checkpoint: str | os.PathL
                 last_ckpt = time.monotonic()
     finally:
         bar.close()
+        if fit is not None:
+            fit.remove()
         m.model.requires_grad_(False)
         for layer in m.layers:
             layer.reset_counters()
     if ckpt is not None:
         _save(ckpt, fp, cfg, params, opt, state)
-    losses = state["losses"]
-    w = max(1, min(10, len(losses) // 2))  # windows that do not overlap when there are 2+ steps
-    head = sum(losses[:w]) / max(len(losses[:w]), 1)
-    tail = sum(losses[-w:]) / max(len(losses[-w:]), 1)
+    head, tail = _ends(state["losses"])
     record = {**asdict(cfg), "steps": state["step"], "tokens_seen": state["tokens"], "seconds": round(state["seconds"], 1),
               "trainable_parameters": sum(p.numel() for p in params.values()), "fingerprint": fp,
               "kl_first_10_steps": head, "kl_last_10_steps": tail}
+    if cfg.routers:
+        record["router_loss_first_10_steps"], record["router_loss_last_10_steps"] = _ends(state["router_losses"])
     m.record["tuning"] = record
     return record
+
+
+def _ends(losses: list[float]) -> tuple[float, float]:
+    """Mean of the first and of the last (up to) 10 values, windows that do not overlap when
+    there are 2+ values."""
+    w = max(1, min(10, len(losses) // 2))
+    return sum(losses[:w]) / max(len(losses[:w]), 1), sum(losses[-w:]) / max(len(losses[-w:]), 1)
+
+
+class _RouterFit:
+    """Online refit of the MLP routers during tuning: a forward hook on each MoE layer gives its
+    router the conversion objective (routing.router_targets: the experts' output norms, computed
+    without gradient) on the input the student's forward just fed that layer, so the router
+    follows both the tuned experts and the inputs the sparse model produces. The router reads a
+    detached input: its loss trains the router only, and the distillation loss never reaches it."""
+
+    def __init__(self, layers):
+        self.check(layers)
+        self.losses = []
+        self.handles = [layer.register_forward_hook(self._hook) for layer in layers]
+
+    @staticmethod
+    def check(layers):
+        kinds = {layer.spec["router"]["kind"] for layer in layers}
+        if kinds != {"mlp"}:
+            raise ConfigError(f"refitting routers while tuning needs trained mlp routers; this model has "
+                              f"{', '.join(sorted(kinds))} (convert with --router mlp, or tune without --routers)")
+
+    def _hook(self, layer, args, _output):
+        if not torch.is_grad_enabled():
+            return
+        x = args[0].detach().reshape(-1, args[0].shape[-1])
+        kind, objective = router_objective(layer)
+        targets = router_targets(layer, x, kind)
+        self.losses.append(objective(layer.router.logits(layer._router_in(x).detach()), targets))
+
+    def take(self) -> torch.Tensor | None:
+        """The mean router loss over the layers of the last forward (None if none ran)."""
+        losses, self.losses = self.losses, []
+        return torch.stack(losses).mean() if losses else None
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
 
 
 def _teacher(m: MoEModel):
@@ -202,15 +266,17 @@ def _batch(blocks, step: int, cfg: TuneConfig) -> torch.Tensor:
     return blocks[order[i:i + cfg.batch_size]]
 
 
-def _step(student, teacher, batch, opt) -> float:
+def _step(student, teacher, batch, opt, fit=None) -> tuple[float, float | None]:
+    """One optimizer step; returns the KL and (with a router fit) the mean router loss."""
     with torch.no_grad():
         target = F.log_softmax(teacher(input_ids=batch).logits.float(), -1).flatten(0, 1)  # [B*L, V]
     logits = student(input_ids=batch).logits.float()
     loss = F.kl_div(F.log_softmax(logits, -1).flatten(0, 1), target, log_target=True, reduction="batchmean")
+    router_loss = fit.take() if fit is not None else None
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss if router_loss is None else loss + router_loss).backward()
     opt.step()
-    return float(loss.detach())
+    return float(loss.detach()), None if router_loss is None else float(router_loss.detach())
 
 
 # -- checkpoints --------------------------------------------------------------------------------
@@ -222,7 +288,8 @@ def _save(folder: Path, fp: str, cfg: TuneConfig, params, opt, state):
     tmp.mkdir()
     try:
         save_file({k: p.detach().contiguous() for k, p in params.items()}, tmp / "weights.safetensors")
-        torch.save({"optimizer": opt.state_dict(), "losses": state["losses"]}, tmp / "state.pt")
+        torch.save({"optimizer": opt.state_dict(), "losses": state["losses"], "router_losses": state["router_losses"]},
+                   tmp / "state.pt")
         meta = {"fingerprint": fp, "config": asdict(cfg), **{k: state[k] for k in ("step", "tokens", "seconds")}}
         (tmp / "state.json").write_text(json.dumps(meta, indent=1))
         replace_path(tmp, folder)
@@ -244,4 +311,5 @@ def _restore(folder: Path, fp: str, params, opt, state):
             p.copy_(weights[name])
     saved = torch.load(folder / "state.pt", weights_only=True)
     opt.load_state_dict(saved["optimizer"])
-    state.update({k: meta[k] for k in ("step", "tokens", "seconds")}, losses=list(saved["losses"]))
+    state.update({k: meta[k] for k in ("step", "tokens", "seconds")}, losses=list(saved["losses"]),
+                 router_losses=list(saved.get("router_losses", [])))

@@ -11,6 +11,7 @@ from moefy.cli import app
 from moefy.config import DataConfig, MoEConfig
 from moefy.errors import ConfigError
 from moefy.evaluate import perplexity
+from moefy.routing import router_objective, router_targets
 from moefy.tuning import TuneConfig, trainable_parameters, tune
 
 from conftest import outputs, tiny_model
@@ -85,6 +86,40 @@ def test_tuning_brings_the_moe_model_closer_to_dense(converted, tokenizer):
     assert converted.record["tuning"]["fingerprint"]
 
 
+def router_objective_on(m, ids) -> float:
+    """Mean over layers of each router's conversion objective on the model's own layer inputs."""
+    inputs = {}
+    hooks = [layer.register_forward_hook(lambda mod, a, _o: inputs.__setitem__(mod, a[0].reshape(-1, a[0].shape[-1])))
+             for layer in m.layers]
+    with torch.no_grad():
+        m.model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    losses = []
+    for layer, x in inputs.items():
+        kind, objective = router_objective(layer)
+        losses.append(float(objective(layer.router.logits(x), router_targets(layer, x, kind))))
+    return sum(losses) / len(losses)
+
+
+def test_routers_refit_online(base, tokenizer):
+    """--routers: the routers keep learning their conversion objective on the tuned model's own
+    inputs, so on held-out text they fit the tuned experts better than routers left as they were;
+    the distillation still works and nothing stays trainable."""
+    held = moefy.data.blocks("pydoc:heldout", tokenizer, 32, max_tokens=1024)
+    fixed, refit = copy.deepcopy(base), copy.deepcopy(base)
+    tune(fixed, cfg(tokens=64 * 40))
+    record = tune(refit, cfg(tokens=64 * 40, routers=True, router_lr=3e-3))
+    assert record["router_loss_last_10_steps"] < record["router_loss_first_10_steps"]
+    assert record["kl_last_10_steps"] < record["kl_first_10_steps"]
+    assert router_objective_on(refit, held) < 0.9 * router_objective_on(fixed, held)
+    changed = [n for (n, a), (_, b) in zip(base.model.named_parameters(), refit.model.named_parameters())
+               if not torch.equal(a, b)]
+    assert any(".router." in n for n in changed) and all(".mlp." in n for n in changed)
+    assert not any(p.requires_grad for p in refit.model.parameters())
+    assert not any(layer._forward_hooks for layer in refit.layers)
+
+
 def test_what_is_trained(converted):
     ffn = trainable_parameters(converted, "ffn")
     assert ffn and all(".mlp." in n and ".router." not in n for n in ffn)
@@ -97,9 +132,13 @@ class Stop(Exception):
     pass
 
 
-def test_resume_after_a_kill_gives_the_uninterrupted_result(tokenizer, tmp_path):
+@pytest.mark.parametrize("routers", [False, True])
+def test_resume_after_a_kill_gives_the_uninterrupted_result(tokenizer, tmp_path, routers):
     def fresh():
         return moefy.convert(tiny_model("llama"), moe=MOE, data=DATA, tokenizer=tokenizer)
+
+    def cfg(**kw):
+        return globals()["cfg"](routers=routers, **kw)
 
     whole = fresh()
     tune(whole, cfg(), checkpoint=tmp_path / "a")
@@ -162,3 +201,5 @@ def test_cli_tune_then_eval_against_the_source(tiny_folder, tmp_path):
     assert r.exit_code == 2 and "already exists" in r.output
     r = runner.invoke(app, ["tune", str(run), "--out", str(run), "--tokens", "4096"])
     assert r.exit_code == 2 and "must differ" in r.output
+    r = runner.invoke(app, ["tune", str(run), "--out", str(tmp_path / "r"), "--tokens", "4096", "--routers"])
+    assert r.exit_code == 2 and "mlp routers" in r.output and not (tmp_path / "r").exists()

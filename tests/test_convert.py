@@ -136,6 +136,20 @@ def test_set_active_changes_budget(tokenizer, ids):
         m.set_active(0)
 
 
+def test_a_changed_selection_is_what_reloads(tokenizer, tmp_path, ids):
+    """Load, change top-k or tau, save (as `moefy tune --active` does): the new folder reloads with
+    the new selection, not the one it was loaded with."""
+    first = moefy.save(moefy.convert(tiny_model("llama"), moe=fast_cfg(num_experts=16, active=0.6), data=DATA,
+                                     tokenizer=tokenizer), tmp_path / "a")
+    m = moefy.load(first)
+    m.set_active(0.3)
+    ks = [layer.top_k for layer in m.layers]
+    assert ks != [layer.top_k for layer in moefy.load(first).layers]
+    assert [layer.top_k for layer in moefy.load(moefy.save(m, tmp_path / "b")).layers] == ks
+    m.set_routing(tau=0.4)
+    assert {layer.tau for layer in moefy.load(moefy.save(m, tmp_path / "c")).layers} == {0.4}
+
+
 def test_oracle_routing_is_at_least_as_good(tokenizer, ids):
     m = moefy.convert(tiny_model("llama"), moe=fast_cfg(num_experts=16, active=0.4), data=DATA, tokenizer=tokenizer)
     blocks = moefy.data.blocks("pydoc:heldout", tokenizer, 32, max_tokens=512)

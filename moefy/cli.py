@@ -146,8 +146,9 @@ def tune(
     tokens: Optional[int] = typer.Option(None, help="Token budget."),
     lr: float = typer.Option(3e-4, help="Peak AdamW learning rate (cosine decay over the budget)."),
     train: str = typer.Option("ffn", help="What learns: ffn (experts and shared neurons) or all (also attention, norms)."),
-    routers: bool = typer.Option(False, help="Also refit the MLP routers online to the tuned experts' output norms on "
-                                 "the tuned model's own inputs."),
+    routers: Optional[bool] = typer.Option(None, "--routers/--no-routers", help="Also refit the MLP routers online to the "
+                                           "tuned experts' output norms on the tuned model's own inputs (default: on "
+                                           "when every router is a trained mlp)."),
     router_lr: float = typer.Option(1e-3, help="Peak learning rate of the routers with --routers."),
     batch_size: int = typer.Option(4, help="Blocks per step."),
     seq_len: int = typer.Option(256, help="Tokens per block."),

@@ -4,7 +4,7 @@ The student is the converted model; the teacher is the same model with
 every expert active (an exact copy of the dense model, taken before any update). The loss is the
 KL divergence from the teacher's next-token distribution to the student's on calibration text,
 so the experts and shared neurons learn to make up for what the router leaves out (issue #4,
-part 4). The routers pick the experts without gradient; with `routers=True` each MLP router also
+part 4). The routers pick the experts without gradient; with `routers` (the default for MLP routers) each also
 keeps learning its conversion objective (the experts' output norms) online, on the inputs the
 tuned sparse model now produces and the experts as they are now. Training runs MoEFFN's masked path: the same function as inference, one GEMM per
 matrix.
@@ -20,6 +20,7 @@ resumes where its last checkpoint left it.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -60,7 +61,8 @@ class TuneConfig:
     lr: float = 3e-4                 # peak AdamW learning rate (3e-4 beat 1e-4 at 20 steps, BENCHMARKS.md)
     warmup: int = 10                 # linear warm-up steps
     train: str = "ffn"               # "ffn": experts + shared neurons; "all": also attention and norms
-    routers: bool = False            # also refit MLP routers online to the tuned experts' output norms
+    routers: bool | None = None      # refit MLP routers online to the tuned experts' output norms
+                                     # (None: when every router is a trained mlp; it won in BENCHMARKS.md)
     router_lr: float = 1e-3          # peak learning rate of the routers (same schedule)
     checkpoint_minutes: float = 5.0  # wall-clock between checkpoints
     seed: int = 0                    # data order
@@ -133,6 +135,8 @@ def tune(m: MoEModel, cfg: TuneConfig = TuneConfig(), checkpoint: str | os.PathL
         raise ConfigError("recovery tuning works on `moefy convert` models, not on pruned folders")
     if not m.family.causal:
         raise ConfigError(f"recovery tuning distils next-token distributions; {m.family.name} is not a causal LM")
+    if cfg.routers is None:
+        cfg = dataclasses.replace(cfg, routers={layer.spec["router"]["kind"] for layer in m.layers} == {"mlp"})
     if cfg.routers:
         _RouterFit.check(m.layers)
     blocks = data_mod.blocks(cfg.data, m.tokenizer, cfg.seq_len, min_tokens=cfg.seq_len * cfg.batch_size)

@@ -38,9 +38,6 @@ def save(m: MoEModel, folder: str | os.PathLike, overwrite: bool = False, comman
     """Write the model folder (atomically, after checking free space), with moefy.json and
     moefy_run.json (provenance.run_info: settings, seeds, versions, hashes)."""
     size = sum(t.numel() * t.element_size() for t in m.model.state_dict().values())
-    spec = getattr(m.model.config, "moefy", None)
-    if spec is not None and m.layers and len(m.layers) == len(spec["layers"]):
-        spec["layers"] = [layer.spec for layer in m.layers]  # selection changed since load (set_active, ...)
     with staging(folder, overwrite, size) as tmp:
         m.model.save_pretrained(tmp, safe_serialization=True)
         finish_folder(tmp, m.tokenizer, type(m.model).__name__, m.family.causal,

@@ -25,6 +25,9 @@ def install_moe(model: torch.nn.Module, cfg: dict, layers: list[MoEFFN] | None =
     if len(blocks) != len(cfg["layers"]):
         raise ValueError(f"config.moefy describes {len(cfg['layers'])} layers, the model has {len(blocks)}")
     layers = layers if layers is not None else [layer_from_spec(spec) for spec in cfg["layers"]]
+    # the config holds each layer's own spec dict, so a selection changed after loading
+    # (set_active, set_routing, set_router_input) is what save_pretrained writes
+    cfg["layers"] = [layer.spec for layer in layers]
     for block, layer in zip(blocks, layers):
         block.set_submodule(cfg["ffn"], layer)
         for path in cfg.get("identity", []):

@@ -66,7 +66,6 @@ def pregate(m: MoEModel, routers: list[tuple[MLPRouter, dict]]) -> MoEModel:
         layer.router = copy.deepcopy(router)
         layer.set_router_input("previous")
     link_pregated(layers)
-    p.model.config.moefy["layers"] = [layer.spec for layer in layers]  # what save() writes
     p.record.setdefault("moe", {})["router_input"] = "previous"
     for report, (_, metrics) in zip(p.record.get("layers", [])[1:], routers):
         report.update(metrics)

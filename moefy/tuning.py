@@ -1,13 +1,13 @@
 """Recovery tuning: distil the MoE model toward its dense self within a CPU budget.
 
-The student is the converted model; the teacher is the same model with
-every expert active (an exact copy of the dense model, taken before any update). The loss is the
-KL divergence from the teacher's next-token distribution to the student's on calibration text,
-so the experts and shared neurons learn to make up for what the router leaves out (issue #4,
-part 4). The routers pick the experts without gradient; with `routers` (the default for MLP routers) each also
-keeps learning its conversion objective (the experts' output norms) online, on the inputs the
-tuned sparse model now produces and the experts as they are now. Training runs MoEFFN's masked path: the same function as inference, one GEMM per
-matrix.
+The student is the converted model; the teacher is the same model with every expert active (an
+exact copy of the dense model, taken before any update). The loss is the KL divergence from the
+teacher's next-token distribution to the student's on calibration text, so the experts and
+shared neurons learn to make up for what the router leaves out (issue #4, part 4). The routers
+pick the experts without gradient; with `routers` (the default for MLP routers) each also keeps
+learning its conversion objective (the experts' output norms) online, on the inputs the tuned
+sparse model now produces and the experts as they are now. Training runs MoEFFN's masked path:
+the same function as inference, one GEMM per matrix.
 
 The budget is wall-clock minutes and/or tokens, whichever ends first; the learning rate follows
 a cosine over the budget. State is checkpointed into a folder (trainable weights as safetensors,
@@ -94,17 +94,16 @@ class TuneConfig:
         return min(used, 1.0)
 
 
-def trainable_parameters(m: MoEModel, what: str, routers: bool = False) -> dict[str, torch.nn.Parameter]:
-    """The parameters `what` trains, by name, plus the routers' with `routers`; embeddings and
-    the output head stay fixed (they are most of a small model's weights and are not where the
-    MoE error is). Routers never learn from the distillation loss (top-k passes no gradient):
-    with `routers` they learn their own objective (_RouterFit)."""
+def trainable_parameters(m: MoEModel, what: str) -> dict[str, torch.nn.Parameter]:
+    """The parameters `what` trains, by name; routers, embeddings and the output head stay out
+    (routers never learn from the distillation loss, since top-k passes no gradient: with
+    cfg.routers they learn their own objective, _RouterFit; the head and embeddings are most of
+    a small model's weights and are not where the MoE error is)."""
     moe_names = {id(getattr(layer, n)) for layer in m.layers for n in TRAINABLE["ffn"]
                  if getattr(layer, n) is not None}
-    router_names = {id(p) for layer in m.layers for p in layer.router.parameters()} if routers else set()
     out = {}
     for name, p in m.model.named_parameters():
-        if id(p) in moe_names or id(p) in router_names:
+        if id(p) in moe_names:
             out[name] = p
         elif what == "all" and ".router." not in name and "embed" not in name and "lm_head" not in name \
                 and "wte" not in name and "wpe" not in name:
@@ -135,16 +134,18 @@ def tune(m: MoEModel, cfg: TuneConfig = TuneConfig(), checkpoint: str | os.PathL
         raise ConfigError("recovery tuning works on `moefy convert` models, not on pruned folders")
     if not m.family.causal:
         raise ConfigError(f"recovery tuning distils next-token distributions; {m.family.name} is not a causal LM")
+    kinds = {layer.spec["router"]["kind"] for layer in m.layers}
     if cfg.routers is None:
-        cfg = dataclasses.replace(cfg, routers={layer.spec["router"]["kind"] for layer in m.layers} == {"mlp"})
-    if cfg.routers:
-        _RouterFit.check(m.layers)
+        cfg = dataclasses.replace(cfg, routers=kinds == {"mlp"})
+    if cfg.routers and kinds != {"mlp"}:
+        raise ConfigError(f"refitting routers while tuning needs trained mlp routers; this model has "
+                          f"{', '.join(sorted(kinds))} (convert with --router mlp, or tune without --routers)")
     blocks = data_mod.blocks(cfg.data, m.tokenizer, cfg.seq_len, min_tokens=cfg.seq_len * cfg.batch_size)
     fp = fingerprint(m, cfg, blocks)
     teacher = _teacher(m)
     params = trainable_parameters(m, cfg.train)
-    routers = trainable_parameters(m, "ffn", routers=True) if cfg.routers else {}
-    routers = {k: p for k, p in routers.items() if k not in params}
+    router_ids = {id(p) for layer in m.layers for p in layer.router.parameters()} if cfg.routers else set()
+    routers = {name: p for name, p in m.model.named_parameters() if id(p) in router_ids}
     m.model.requires_grad_(False)
     for p in (*params.values(), *routers.values()):
         p.requires_grad_(True)
@@ -222,16 +223,8 @@ class _RouterFit:
     detached input: its loss trains the router only, and the distillation loss never reaches it."""
 
     def __init__(self, layers):
-        self.check(layers)
         self.losses = []
         self.handles = [layer.register_forward_hook(self._hook) for layer in layers]
-
-    @staticmethod
-    def check(layers):
-        kinds = {layer.spec["router"]["kind"] for layer in layers}
-        if kinds != {"mlp"}:
-            raise ConfigError(f"refitting routers while tuning needs trained mlp routers; this model has "
-                              f"{', '.join(sorted(kinds))} (convert with --router mlp, or tune without --routers)")
 
     def _hook(self, layer, args, _output):
         if not torch.is_grad_enabled():
@@ -316,4 +309,4 @@ def _restore(folder: Path, fp: str, params, opt, state):
     saved = torch.load(folder / "state.pt", weights_only=True)
     opt.load_state_dict(saved["optimizer"])
     state.update({k: meta[k] for k in ("step", "tokens", "seconds")}, losses=list(saved["losses"]),
-                 router_losses=list(saved.get("router_losses", [])))
+                 router_losses=list(saved["router_losses"]))

@@ -88,15 +88,8 @@ def test_tuning_brings_the_moe_model_closer_to_dense(converted, tokenizer):
 
 def router_objective_on(m, ids) -> float:
     """Mean over layers of each router's conversion objective on the model's own layer inputs."""
-    inputs = {}
-    hooks = [layer.register_forward_hook(lambda mod, a, _o: inputs.__setitem__(mod, a[0].reshape(-1, a[0].shape[-1])))
-             for layer in m.layers]
-    with torch.no_grad():
-        m.model(input_ids=ids)
-    for h in hooks:
-        h.remove()
     losses = []
-    for layer, x in inputs.items():
+    for layer, x in zip(m.layers, m.layer_inputs(ids)):
         kind, objective = router_objective(layer)
         losses.append(float(objective(layer.router.logits(x), router_targets(layer, x, kind))))
     return sum(losses) / len(losses)

@@ -59,14 +59,16 @@ def model_type(request):
     return request.param
 
 
-@pytest.fixture
-def tiny_folder(tmp_path, tokenizer):
-    """A tiny llama saved as a Hugging Face folder, with the tokenizer."""
-    model = tiny_model("llama")
-    path = tmp_path / "tiny-llama"
-    model.save_pretrained(path)
+def save_tiny_llama(path, tokenizer):
+    """A tiny llama saved as a Hugging Face folder at `path`, with the tokenizer."""
+    tiny_model("llama").save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def tiny_folder(tmp_path, tokenizer):
+    return save_tiny_llama(tmp_path / "tiny-llama", tokenizer)
 
 
 @torch.no_grad()  # with autograd on, MoEFFN takes its torch path (the kernels have no backward)

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from moefy.cli import app
 
-from conftest import tiny_model
+from conftest import save_tiny_llama
 
 runner = CliRunner()
 FAST = ["--calib", "pydoc", "--experts", "8", "--shared", "0", "--router", "similarity", "--calib-tokens", "512",
@@ -32,10 +32,7 @@ def fails(args, message, tmp_path, out=None):
 
 @pytest.fixture(scope="module")
 def dense(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("bad") / "dense"
-    tiny_model("llama").save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("bad") / "dense", tokenizer)
 
 
 @pytest.fixture(scope="module")

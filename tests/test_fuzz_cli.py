@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from moefy.cli import app
 
-from conftest import tiny_model
+from conftest import save_tiny_llama
 
 runner = CliRunner()
 SETTINGS = settings(max_examples=8, deadline=None, derandomize=True,
@@ -21,10 +21,7 @@ SETTINGS = settings(max_examples=8, deadline=None, derandomize=True,
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("fuzz") / "tiny-llama"
-    tiny_model("llama").save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("fuzz") / "tiny-llama", tokenizer)
 
 
 def check(result, out):

@@ -35,8 +35,11 @@ def convert(
     active: Optional[float] = typer.Option(0.5, help="Target share of FFN compute per token, router counted, in (0, 1]."),
     tau: Optional[float] = typer.Option(None, help="Dynamic-k threshold in [0, 1) instead of a fixed top-k."),
     method: str = typer.Option("coactivation", help="Grouping: random, param-kmeans, coactivation."),
-    router: str = typer.Option("mlp", help="Router: mlp, similarity, representative."),
+    router: str = typer.Option("mlp", help="Router: mlp, sketch (training-free, reads the experts' own weights), "
+                                            "similarity, representative."),
     router_loss: str = typer.Option("log-norm", help="mlp router target: log-norm, norm (D2DMoE) or bce (MoEfication)."),
+    router_channels: float = typer.Option(0.3, help="sketch router: share of each token's input channels "
+                                                    "(largest |x|) it reads, in (0, 1]."),
     router_input: str = typer.Option("own", help="What each mlp router reads: own (its layer's FFN input) or previous "
                                                  "(the previous layer's: Pre-gated MoE, experts known a layer ahead)."),
     budget: str = typer.Option("uniform", help="Per-layer top-k: uniform (same share everywhere) or sensitivity "
@@ -74,7 +77,8 @@ def convert(
         if json_out is not None:
             check_target(json_out, overwrite)
         moe_cfg = MoEConfig(num_experts=experts, active=None if tau is not None else active, tau=tau,
-                            method=method, router=router, router_loss=router_loss, router_input=router_input, shared=shared, seed=seed,
+                            method=method, router=router, router_loss=router_loss, router_input=router_input,
+                            router_channels=router_channels, shared=shared, seed=seed,
                             budget=budget)
         data_cfg = DataConfig(source=calib, seq_len=seq_len, tokens=calib_tokens)
         lw_cfg = lw_mod.LayerwiseConfig(propagate=propagate, device=device, dtype=dtype, offload=offload)

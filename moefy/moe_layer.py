@@ -103,7 +103,34 @@ class MLPRouter(nn.Module):
         return 2 * (self.fc1.weight.numel() + self.fc2.weight.numel())
 
 
-ROUTERS = {"similarity": SimilarityRouter, "representative": RepresentativeRouter, "mlp": MLPRouter}
+class SketchRouter(nn.Module):
+    """Training-free and without weights of its own: it reads its layer's expert weights. Each
+    token keeps its `channels` share of input channels with the largest |x| (TEAL's input
+    sparsity, Liu et al. 2024) and computes every routed neuron's activation from those channels
+    alone; an expert's score is the output norm these sketched activations give (as
+    MoEFFN.expert_norms does for the exact ones). The selected experts are then computed in full.
+    Its cost is the sketch: `channels` x the gate and up products of the routed neurons."""
+
+    def __init__(self, hidden: int, num_experts: int, gated: bool = True, expert_size: int = 1,
+                 channels: float = 0.3, **_):
+        super().__init__()
+        if not 0 < channels <= 1:
+            raise ValueError(f"sketch router channels must be in (0, 1], got {channels}")
+        self.channels = channels
+        self.kept = max(1, min(hidden, round(channels * hidden)))  # input channels per token
+        self.shape = (num_experts, expert_size, 2 if gated else 1)
+        self.__dict__["layer"] = None  # the MoEFFN whose weights it reads (set by it; not a submodule)
+
+    def forward(self, x):
+        return self.layer.sketch_norms(x, self.kept)  # [T, E]
+
+    def flops_per_token(self) -> int:
+        E, n, matrices = self.shape
+        return 2 * self.kept * E * n * matrices + 2 * E * n * n  # the sketch, then h^T G h per expert
+
+
+ROUTERS = {"similarity": SimilarityRouter, "representative": RepresentativeRouter, "mlp": MLPRouter,
+           "sketch": SketchRouter}
 
 
 def link_pregated(layers: list) -> None:
@@ -189,8 +216,10 @@ class MoEFFN(nn.Module):
         self.register_buffer("expert_neurons", torch.zeros(E, n, dtype=torch.long))
         self.register_buffer("shared_neurons", torch.zeros(S, dtype=torch.long))
         r = spec["router"]
-        self.router = ROUTERS[r["kind"]](D, E, gated=self.gated, act=self.act,
-                                         bias=spec["bias_in"], **r.get("options", {}))
+        self.router = ROUTERS[r["kind"]](D, E, gated=self.gated, act=self.act, bias=spec["bias_in"],
+                                         expert_size=n, **r.get("options", {}))
+        if isinstance(self.router, SketchRouter):
+            self.router.__dict__["layer"] = self
         self._mlp_router = isinstance(self.router, MLPRouter)
         # "previous": the router reads the previous layer's FFN input (Pre-gated MoE, Hwang et al.
         # 2024), which that layer hands over in its forward (see link_pregated).
@@ -438,6 +467,41 @@ class MoEFFN(nn.Module):
         if self.w_up is not None:
             h = h * torch.einsum("td,end->etn", x, self.w_up)
         return torch.bmm(h, self.w_out)  # [E, T, D]
+
+    def sketch_norms(self, x: torch.Tensor, kept: int) -> torch.Tensor:
+        """SketchRouter's scores [T, E]: each expert's output norm with its neurons' activations
+        computed from the token's `kept` input channels of largest |x| (the others read as 0)."""
+        E, n, D = self.w_in.shape
+        idx = x.abs().topk(kept, dim=-1).indices  # [T, c]
+        if x.shape[0] == 1:
+            # Decode: read only the kept channels' rows of the transposed weights.
+            t_in, t_up = self._cached("transposed", lambda: tuple(
+                None if w is None else w.reshape(E * n, D).T.contiguous() for w in (self.w_in, self.w_up)))
+            i, xs = idx[0], x[0, idx[0]]
+            g = xs @ t_in.index_select(0, i)
+            if self.b_in is not None:
+                g = g + self.b_in.flatten()
+            h = ACTIVATIONS[self.act](g)
+            if t_up is not None:
+                h = h * (xs @ t_up.index_select(0, i))
+            h = h[None]
+        else:
+            h = self.hidden_all(torch.zeros_like(x).scatter_(-1, idx, x.gather(-1, idx)))  # [T, E*n]
+        h = h.view(-1, E, n)
+        if n == 1:
+            return h[..., 0].abs() * self._cached("out_norms", lambda: self.w_out[:, 0].norm(dim=-1))
+        gram = self._cached("gram", lambda: self.w_out @ self.w_out.transpose(1, 2))  # [E, n, n]
+        return torch.einsum("ten,enm,tem->te", h, gram, h).clamp_min(0).sqrt()
+
+    def _cached(self, name: str, make):
+        """A tensor derived from the weights, remade when any of them changed (in place too)."""
+        key = tuple((p.data_ptr(), p._version) for p in self._parameters.values() if p is not None)
+        hit = self.__dict__.setdefault("_derived", {}).get(name)
+        if hit is None or hit[0] != key:
+            with torch.no_grad():
+                hit = (key, make())
+            self._derived[name] = hit
+        return hit[1]
 
     def expert_norms(self, x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
         """||E_e(x)||_2 for every token and expert, [T, E]. Uses each expert's Gram matrix

@@ -21,6 +21,8 @@ def router_spec(kind: str, cfg) -> dict:
     if kind == "mlp":
         output = {"norm": "norm", "log-norm": "log-norm", "bce": "probability"}[cfg.router_loss]
         return {"kind": "mlp", "options": {"router_hidden": cfg.router_hidden, "output": output}}
+    if kind == "sketch":
+        return {"kind": "sketch", "options": {"channels": cfg.router_channels}}
     return {"kind": kind}
 
 
@@ -119,7 +121,8 @@ def recall(moe: MoEFFN, inputs: torch.Tensor, router_inputs: torch.Tensor | None
 
 
 def build_router(moe: MoEFFN, inputs: torch.Tensor, cfg, router_inputs: torch.Tensor | None = None) -> dict:
-    """Initialise or train `moe.router` for its kind; returns metrics for the report. With
+    """Initialise or train `moe.router` for its kind (a sketch router needs neither: it reads the
+    expert weights); returns metrics for the report. With
     `router_inputs` (an mlp router only) the router learns to pick this layer's experts from them."""
     kind = moe.spec["router"]["kind"]
     if router_inputs is not None and kind != "mlp":
@@ -128,7 +131,7 @@ def build_router(moe: MoEFFN, inputs: torch.Tensor, cfg, router_inputs: torch.Te
         init_similarity(moe)
     elif kind == "representative":
         init_representative(moe, inputs)
-    else:
+    elif kind == "mlp":
         return train_mlp_router(moe, inputs, loss=cfg.router_loss, steps=cfg.router_steps,
                                 lr=cfg.router_lr, seed=cfg.seed, router_inputs=router_inputs)
     return {"router_recall": recall(moe, inputs[: len(inputs) // 10 or 1])}

@@ -43,7 +43,7 @@ def test_convert_every_family(model_type, tokenizer, ids):
 
 
 @pytest.mark.parametrize("method,router,shared", [("random", "similarity", 0.0), ("param-kmeans", "representative", 0.25),
-                                                  ("coactivation", "mlp", 0.25)])
+                                                  ("coactivation", "mlp", 0.25), ("coactivation", "sketch", 0.0)])
 def test_methods_and_routers(method, router, shared, tokenizer, ids):
     model = tiny_model("llama")
     m = moefy.convert(model, moe=fast_cfg(method=method, router=router, shared=shared), data=DATA, tokenizer=tokenizer)
@@ -94,6 +94,20 @@ def test_save_load_identical(model_type, tokenizer, tmp_path, ids):
     layer0 = record["assignment"][0]
     assert sorted(layer0["shared"] + sum(layer0["experts"], [])) == list(range(64))
     assert "torch" in record["versions"]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_sketch_router_saves_and_reloads_identically(model_type, tokenizer, tmp_path, ids):
+    """The sketch router has no weights: its channel share travels in the config, and the
+    reloaded model (moefy or plain transformers) routes and computes the same."""
+    m = moefy.convert(tiny_model(model_type), moe=fast_cfg(router="sketch", router_channels=0.4, num_experts=64,
+                                                           shared=0.125), data=DATA, tokenizer=tokenizer)
+    assert m.layers[0].router.kept == round(0.4 * 32)
+    expected = outputs(m.model, ids)
+    path = moefy.save(m, tmp_path / "run")
+    torch.testing.assert_close(outputs(moefy.load(path).model, ids), expected, atol=0, rtol=0)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+    torch.testing.assert_close(outputs(hf, ids), expected, atol=0, rtol=0)
 
 
 def test_save_refuses_existing_without_overwrite(tokenizer, tmp_path, ids):

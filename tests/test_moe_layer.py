@@ -22,12 +22,12 @@ def dense_forward(f: DenseFFN, x):
     return h @ f.w_out + (0 if f.b_out is None else f.b_out)
 
 
-def make_moe(kind="swiglu", bias=False, shared=0, E=None, router="mlp", top_k=2, tau=None):
+def make_moe(kind="swiglu", bias=False, shared=0, E=None, router="mlp", top_k=2, tau=None, **options):
     f = dense_ffn(kind, bias)
     perm = torch.randperm(I, generator=torch.Generator().manual_seed(1))
     E = E or (I - shared) // 6
     moe = MoEFFN.from_dense(f, perm[:shared].sort().values, perm[shared:].view(E, -1),
-                            {"kind": router}, top_k=top_k, tau=tau)
+                            {"kind": router, "options": options}, top_k=top_k, tau=tau)
     torch.nn.init.normal_(moe.router.fc1.weight) if router == "mlp" else None
     return f, moe
 
@@ -75,7 +75,7 @@ def test_all_experts_equals_dense(kind, bias, shared, path):
 
 @pytest.mark.parametrize("kind,bias,shared", CASES)
 @pytest.mark.parametrize("tau", [None, 0.5])
-@pytest.mark.parametrize("router", ["mlp", "similarity", "representative"])
+@pytest.mark.parametrize("router", ["mlp", "similarity", "representative", "sketch"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_fast_paths_match_reference(kind, bias, shared, tau, router, threads, path):
     _, moe = make_moe(kind, bias, shared, tau=tau, router=router)
@@ -188,3 +188,44 @@ def test_routing_step_selects_what_forward_uses(tokens, path):
     if step.dtype != torch.bool:  # kernel paths return indices [T, K]
         step = torch.zeros(tokens, moe.spec["num_experts"], dtype=torch.bool).scatter_(1, step, True)
     assert torch.equal(step, selection(moe, x))
+
+
+@pytest.mark.parametrize("kind,bias,shared", CASES)
+@pytest.mark.parametrize("E", [None, 48])
+def test_sketch_router_reading_every_channel_scores_true_norms(kind, bias, shared, E):
+    _, moe = make_moe(kind, bias, shared, E=E and I - shared, router="sketch", channels=1.0)
+    x = torch.randn(9, D)
+    torch.testing.assert_close(moe.router(x), moe.expert_norms(x), atol=1e-4, rtol=1e-4)
+    for t in range(3):  # the decode path (transposed weights, kept rows only) scores the same
+        torch.testing.assert_close(moe.router(x[t:t + 1]), moe.expert_norms(x[t:t + 1]), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind,bias,shared", CASES)
+def test_sketch_router_reads_only_the_largest_input_channels(kind, bias, shared):
+    _, moe = make_moe(kind, bias, shared, router="sketch", channels=0.25)
+    assert moe.router.kept == 6  # of D = 24
+    x = torch.randn(5, D)
+    kept = x.abs().topk(6, dim=-1).indices
+    sparse = torch.zeros_like(x).scatter_(-1, kept, x.gather(-1, kept))
+    torch.testing.assert_close(moe.router(x), moe.expert_norms(sparse), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(moe.router(x[2:3]), moe.expert_norms(sparse[2:3]), atol=1e-4, rtol=1e-4)
+    # Its cost: the kept channels of every routed neuron's gate (and up), then h^T G h per expert.
+    E, n, _ = moe.w_in.shape
+    input_matrices = 2 if kind == "swiglu" else 1
+    assert moe.router.flops_per_token() == 2 * 6 * E * n * input_matrices + 2 * E * n * n
+
+
+def test_sketch_router_follows_weight_changes():
+    """The router has no weights of its own: tuning the experts (in place) changes its scores."""
+    _, moe = make_moe(router="sketch", channels=0.5)
+    x = torch.randn(3, D)
+    for rows in (x, x[:1]):
+        before = moe.router(rows)
+        with torch.no_grad():
+            moe.w_in.mul_(-1.5)
+        after = moe.router(rows)
+        assert not torch.allclose(before, after)
+        fresh = MoEFFN(moe.spec)
+        fresh.load_state_dict(moe.state_dict())
+        torch.testing.assert_close(after, fresh.router(rows))
+    assert list(moe.router.parameters()) == [] and list(moe.router.buffers()) == []

@@ -473,18 +473,20 @@ class MoEFFN(nn.Module):
         computed from the token's `kept` input channels of largest |x| (the others read as 0)."""
         E, n, D = self.w_in.shape
         idx = x.abs().topk(kept, dim=-1).indices  # [T, c]
-        if x.shape[0] == 1:
-            # Decode: read only the kept channels' rows of the transposed weights.
+        kern = _kernels()
+        if kern is not None and not (x.dtype == self.w_in.dtype == torch.float32 and x.device.type == "cpu"):
+            kern = None
+        if x.shape[0] == 1 or kern is not None:
+            # Read only the kept channels' rows of the transposed weights ([D, E*n], cached).
             t_in, t_up = self._cached("transposed", lambda: tuple(
                 None if w is None else w.reshape(E * n, D).T.contiguous() for w in (self.w_in, self.w_up)))
-            i, xs = idx[0], x[0, idx[0]]
-            g = xs @ t_in.index_select(0, i)
-            if self.b_in is not None:
-                g = g + self.b_in.flatten()
-            h = ACTIVATIONS[self.act](g)
-            if t_up is not None:
-                h = h * (xs @ t_up.index_select(0, i))
-            h = h[None]
+            b_in = None if self.b_in is None else self.b_in.reshape(-1)
+            if kern is not None:
+                h = kern.sketch(x.contiguous(), idx, t_in, t_up, b_in, self.act)
+            else:  # one token, torch only
+                i, xs = idx[0], x[0, idx[0]]
+                h = ACTIVATIONS[self.act](xs @ t_in.index_select(0, i) + (0 if b_in is None else b_in))
+                h = (h if t_up is None else h * (xs @ t_up.index_select(0, i)))[None]
         else:
             h = self.hidden_all(torch.zeros_like(x).scatter_(-1, idx, x.gather(-1, idx)))  # [T, E*n]
         h = h.view(-1, E, n)

@@ -192,7 +192,7 @@ def test_routing_step_selects_what_forward_uses(tokens, path):
 
 @pytest.mark.parametrize("kind,bias,shared", CASES)
 @pytest.mark.parametrize("E", [None, 48])
-def test_sketch_router_reading_every_channel_scores_true_norms(kind, bias, shared, E):
+def test_sketch_router_reading_every_channel_scores_true_norms(kind, bias, shared, E, path):
     _, moe = make_moe(kind, bias, shared, E=E and I - shared, router="sketch", channels=1.0)
     x = torch.randn(9, D)
     torch.testing.assert_close(moe.router(x), moe.expert_norms(x), atol=1e-4, rtol=1e-4)
@@ -201,7 +201,7 @@ def test_sketch_router_reading_every_channel_scores_true_norms(kind, bias, share
 
 
 @pytest.mark.parametrize("kind,bias,shared", CASES)
-def test_sketch_router_reads_only_the_largest_input_channels(kind, bias, shared):
+def test_sketch_router_reads_only_the_largest_input_channels(kind, bias, shared, path):
     _, moe = make_moe(kind, bias, shared, router="sketch", channels=0.25)
     assert moe.router.kept == 6  # of D = 24
     x = torch.randn(5, D)
@@ -215,7 +215,7 @@ def test_sketch_router_reads_only_the_largest_input_channels(kind, bias, shared)
     assert moe.router.flops_per_token() == 2 * 6 * E * n * input_matrices + 2 * E * n * n
 
 
-def test_sketch_router_follows_weight_changes():
+def test_sketch_router_follows_weight_changes(path):
     """The router has no weights of its own: tuning the experts (in place) changes its scores."""
     _, moe = make_moe(router="sketch", channels=0.5)
     x = torch.randn(3, D)

@@ -94,6 +94,9 @@ class Kernels:
         self._topk = lib.moefy_topk
         self._topk.argtypes = [i64, i64, i64, ptr, ptr, c_int]
         self._topk.restype = None
+        self._sketch = lib.moefy_sketch
+        self._sketch.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, c_int, ptr, c_int]
+        self._sketch.restype = None
         self.weights_key = weights_key
 
     @staticmethod
@@ -123,6 +126,16 @@ class Kernels:
         idx = torch.empty(scores.shape[0], k, dtype=torch.int64)
         self._topk(scores.shape[0], scores.shape[1], k, scores.data_ptr(), idx.data_ptr(), torch.get_num_threads())
         return idx
+
+    def sketch(self, x: torch.Tensor, idx: torch.Tensor, wt_in: torch.Tensor, wt_up: torch.Tensor | None,
+               b_in: torch.Tensor | None, act: str) -> torch.Tensor:
+        """The sketch router's activations [T, I] for x [T, D] from its kept channels idx [T, c]
+        (int64), with the routed weights transposed to [D, I] (all contiguous fp32)."""
+        T, c = idx.shape
+        h = torch.empty(T, wt_in.shape[1])
+        self._sketch(T, x.shape[1], wt_in.shape[1], c, x.data_ptr(), idx.data_ptr(), wt_in.data_ptr(), _ptr(wt_up),
+                     _ptr(b_in), ACT_CODES[act], h.data_ptr(), torch.get_num_threads())
+        return h
 
     def mlp_moe(self, args: "LayerArgs", x: torch.Tensor, k: int) -> torch.Tensor:
         """The whole layer with its MLP router and fixed top-k, in one call (b_out not added)."""

@@ -204,6 +204,25 @@ inline void down_rows(const float* h, const float* const* rows, int64_t count, i
   }
 }
 
+
+// y[lo:hi] += sum_j v[j] * rows[j][lo:hi] for gathered rows, four at a time.
+inline void axpy_gathered(const float* v, const float* const* rows, int64_t count, int64_t lo, int64_t hi,
+                          float* __restrict y) {
+  int64_t j = 0;
+  for (; j + 4 <= count; j += 4) {
+    const float *a = rows[j], *b = rows[j + 1], *c = rows[j + 2], *d = rows[j + 3];
+    const float va = v[j], vb = v[j + 1], vc = v[j + 2], vd = v[j + 3];
+#pragma omp simd
+    for (int64_t i = lo; i < hi; ++i) y[i] += va * a[i] + vb * b[i] + vc * c[i] + vd * d[i];
+  }
+  for (; j < count; ++j) {
+    const float* a = rows[j];
+    const float va = v[j];
+#pragma omp simd
+    for (int64_t i = lo; i < hi; ++i) y[i] += va * a[i];
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -360,6 +379,42 @@ void moefy_mlp_moe(int64_t T, int64_t D, int64_t H, int64_t E, int64_t K, const 
   moefy_mlp_topk(T, D, H, E, K, x, w1, b1, w2, b2, idx.data(), threads);
   moefy_experts(T, D, n, x, nullptr, K, idx.data(), w_in, w_up, b_in, w_out, S, s_in, s_up, s_b, s_out, act, y,
                 threads);
+}
+
+// The sketch router's activations from each token's kept input channels only:
+// h[t, i] = act(b_in[i] + sum_j x[t, k_j] wt_in[k_j, i]) * sum_j x[t, k_j] wt_up[k_j, i], k_j = idx[t, j],
+// j < c. wt_in / wt_up [D, I] are the routed neurons' weights transposed, so a kept channel is one
+// contiguous row; wt_up and b_in may be null. Few tokens: the neurons are split across threads.
+void moefy_sketch(int64_t T, int64_t D, int64_t I, int64_t c, const float* x, const int64_t* idx,
+                  const float* wt_in, const float* wt_up, const float* b_in, int act, float* h, int threads) {
+  const int64_t parts = T >= threads ? 1 : threads;
+#pragma omp parallel num_threads(threads) if (T * parts > 1)
+  {
+    std::vector<float> u(wt_up ? I : 0), v(c);
+    std::vector<const float*> rows_in(c), rows_up(c);
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t p = 0; p < parts; ++p) {
+        const int64_t lo = I * p / parts, hi = I * (p + 1) / parts;
+        const int64_t* k = idx + t * c;
+        for (int64_t j = 0; j < c; ++j) {
+          v[j] = x[t * D + k[j]];
+          rows_in[j] = wt_in + k[j] * I;
+          if (wt_up) rows_up[j] = wt_up + k[j] * I;
+        }
+        float* g = h + t * I;
+        for (int64_t i = lo; i < hi; ++i) g[i] = b_in ? b_in[i] : 0.0f;
+        axpy_gathered(v.data(), rows_in.data(), c, lo, hi, g);
+        if (wt_up) {
+          std::fill(u.begin() + lo, u.begin() + hi, 0.0f);
+          axpy_gathered(v.data(), rows_up.data(), c, lo, hi, u.data());
+          for (int64_t i = lo; i < hi; ++i) g[i] = activate(g[i], act) * u[i];
+        } else {
+          for (int64_t i = lo; i < hi; ++i) g[i] = activate(g[i], act);
+        }
+      }
+    }
+  }
 }
 
 }  // extern "C"

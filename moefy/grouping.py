@@ -50,7 +50,10 @@ def split_neurons(method: str, ffn: DenseFFN, stats: FFNStats, num_experts: int,
     by_rate = torch.argsort(stats.activation_rate, descending=True, stable=True)
     shared_ids = by_rate[: shared_slots * n].sort().values
     routed = by_rate[shared_slots * n:].sort().values
-    groups = GROUPINGS[method](ffn, stats, routed, num_experts - shared_slots, seed)  # [E, n] local
+    if n == 1:  # every neuron its own expert: nothing to group, whatever the method
+        groups = torch.arange(len(routed)).view(-1, 1)
+    else:
+        groups = GROUPINGS[method](ffn, stats, routed, num_experts - shared_slots, seed)  # [E, n] local
     split = ExpertSplit(shared_ids, routed[groups].sort(dim=1).values)
     split.check(ffn.width)
     return split

@@ -69,3 +69,13 @@ def test_rebalance_reaches_equal_sizes():
     labels = np.array([0] * 20 + [1] * 7 + [2] * 3)
     out = _rebalance(labels, A, 3)
     assert np.bincount(out).tolist() == [10, 10, 10]
+
+
+@pytest.mark.parametrize("method", sorted(GROUPINGS))
+def test_single_neuron_experts_skip_grouping(method, ffn_and_stats):
+    """Experts of one neuron (--experts = FFN width): every method gives the routed neurons in order."""
+    ffn, stats = ffn_and_stats
+    split = split_neurons(method, ffn, stats, num_experts=I, shared=0.25, seed=0)
+    assert split.experts.shape == (I - 16, 1)
+    routed = split.experts.flatten()
+    assert routed.tolist() == sorted(set(range(I)) - set(split.shared.tolist()))

@@ -119,6 +119,8 @@ def eval_cmd(
     active: Optional[float] = typer.Option(None, help="Override: fixed top-k per layer for this FFN compute share."),
     top_k: Optional[int] = typer.Option(None, help="Override the saved fixed top-k."),
     tau: Optional[float] = typer.Option(None, help="Override with dynamic-k at this threshold."),
+    router_channels: Optional[float] = typer.Option(None, help="Override a sketch router's share of input channels "
+                                                               "(applied before --active)."),
     oracle: bool = typer.Option(False, help="Also score the same experts with perfect routing."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON here."),
     overwrite: bool = typer.Option(False, help="Replace an existing --json file."),
@@ -130,9 +132,10 @@ def eval_cmd(
     def body():
         from . import data as data_mod
 
-        m = _open_run(run, json_out, overwrite, active=active, top_k=top_k, tau=tau)
+        m = _open_run(run, json_out, overwrite, active=active, top_k=top_k, tau=tau, router_channels=router_channels)
         info = _run_info(m.record, "eval", run, {"data": data, "tokens": tokens, "seq_len": seq_len, "active": active,
-                                                "top_k": top_k, "tau": tau, "oracle": oracle})
+                                                "top_k": top_k, "tau": tau, "router_channels": router_channels,
+                                                "oracle": oracle})
         if m.record.get("kind") == "sparse_expansion":  # a `moefy prune` folder: no dense copy inside
             return _report_pruned(m, data_mod.blocks(data, m.tokenizer, seq_len, max_tokens=tokens), data, json_out,
                                   run=info)
@@ -157,6 +160,8 @@ def tune(
     batch_size: int = typer.Option(4, help="Blocks per step."),
     seq_len: int = typer.Option(256, help="Tokens per block."),
     active: Optional[float] = typer.Option(None, help="Tune at this FFN compute share (default: the saved top-k)."),
+    router_channels: Optional[float] = typer.Option(None, help="Override a sketch router's share of input channels "
+                                                               "(applied before --active)."),
     tau: Optional[float] = typer.Option(None, help="Tune with dynamic-k at this threshold."),
     checkpoint_minutes: float = typer.Option(5.0, help="Minutes between checkpoints (in OUT.tuning/)."),
     resume: bool = typer.Option(False, help="Continue from the checkpoint in OUT.tuning/."),
@@ -185,7 +190,7 @@ def tune(
                          seed=seed)
         cfg.validate()
         check_target(out, overwrite)
-        m = _open_run(run, json_out, overwrite, active=active, tau=tau)
+        m = _open_run(run, json_out, overwrite, active=active, tau=tau, router_channels=router_channels)
         heldout = data_mod.blocks(eval_data, m.tokenizer, seq_len, max_tokens=eval_tokens) if evaluate else None
         checkpoint = out.parent / f"{out.name}.tuning"
         record = tune_fn(m, cfg, checkpoint=checkpoint, resume=resume, progress=True)
@@ -215,6 +220,8 @@ def bench(
     prefill_tokens: int = typer.Option(2048, help="Tokens per FFN prefill call (8 x 256)."),
     prefill_layers: int = typer.Option(4, help="FFN layers in the prefill stack."),
     active: Optional[float] = typer.Option(None, help="Override: fixed top-k per layer for this FFN share."),
+    router_channels: Optional[float] = typer.Option(None, help="Override a sketch router's share of input channels "
+                                                               "(applied before --active)."),
     overwrite: bool = typer.Option(False, help="Replace an existing --output-json file."),
 ):
     """Dense vs MoE wall-clock: FFN stacks (batch 1, prefill), greedy decode tokens/s, prefill, memory."""
@@ -227,7 +234,7 @@ def bench(
         from . import data as data_mod
         from .io import write_json
 
-        m = _open_run(run, output_json, overwrite, active=active)
+        m = _open_run(run, output_json, overwrite, active=active, router_channels=router_channels)
         seq = max(input_len, prefill_tokens // 8)
         blocks = data_mod.blocks(data, m.tokenizer, seq, max_tokens=8 * seq, min_tokens=8 * seq)
         result = bench_mod.run(m, blocks, input_len=input_len, output_len=output_len, batch_size=batch_size,
@@ -616,7 +623,7 @@ def report(
     _run(body)
 
 
-def _open_run(run, json_out, overwrite, active=None, top_k=None, tau=None):
+def _open_run(run, json_out, overwrite, active=None, top_k=None, tau=None, router_channels=None):
     """Check the JSON target first (nothing is overwritten by surprise), load, apply overrides."""
     from . import load
     from .io import check_target
@@ -624,6 +631,8 @@ def _open_run(run, json_out, overwrite, active=None, top_k=None, tau=None):
     if json_out is not None:
         check_target(json_out, overwrite)
     m = load(run)
+    if router_channels is not None:
+        m.set_router_channels(router_channels)
     if active is not None:
         m.set_active(active)
     if top_k is not None or tau is not None:

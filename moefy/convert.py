@@ -58,6 +58,17 @@ class MoEModel:
         for layer in self.layers:
             layer.set_selection(top_k, tau)
 
+    def set_router_channels(self, channels: float):
+        """Every sketch router's share of input channels (set the active share after it: the
+        router's cost, and so the top-k a share allows, depends on it)."""
+        if not 0 < channels <= 1:
+            raise ConfigError(f"router channels must be in (0, 1], got {channels}")
+        kinds = {layer.spec["router"]["kind"] for layer in self.layers}
+        if kinds != {"sketch"}:
+            raise ConfigError(f"--router-channels applies to sketch routers; this model's are {', '.join(sorted(kinds))}")
+        for layer in self.layers:
+            layer.set_router_channels(channels)
+
     def set_active(self, share: float, budget: str | None = None):
         """Fixed top-k per layer within `share` of the dense FFN FLOPs (routers counted).
         budget="uniform": each layer the largest k that fits the share; "sensitivity": the model's

@@ -114,12 +114,16 @@ class SketchRouter(nn.Module):
     def __init__(self, hidden: int, num_experts: int, gated: bool = True, expert_size: int = 1,
                  channels: float = 0.3, **_):
         super().__init__()
+        self.hidden = hidden
+        self.shape = (num_experts, expert_size, 2 if gated else 1)
+        self.set_channels(channels)
+        self.__dict__["layer"] = None  # the MoEFFN whose weights it reads (set by it; not a submodule)
+
+    def set_channels(self, channels: float):
         if not 0 < channels <= 1:
             raise ValueError(f"sketch router channels must be in (0, 1], got {channels}")
         self.channels = channels
-        self.kept = max(1, min(hidden, round(channels * hidden)))  # input channels per token
-        self.shape = (num_experts, expert_size, 2 if gated else 1)
-        self.__dict__["layer"] = None  # the MoEFFN whose weights it reads (set by it; not a submodule)
+        self.kept = max(1, min(self.hidden, round(channels * self.hidden)))  # input channels per token
 
     def forward(self, x):
         return self.layer.sketch_norms(x, self.kept)  # [T, E]
@@ -263,6 +267,15 @@ class MoEFFN(nn.Module):
         """Fixed top-k, or dynamic-k with tau (top_k then caps k); kept in the spec that is saved."""
         self.top_k, self.tau = top_k, tau
         self.spec.update(top_k=top_k, tau=tau)
+
+    def set_router_channels(self, channels: float):
+        """A sketch router's share of input channels (its cost, hence top_k_for_share, changes with
+        it); kept in the spec that is saved."""
+        if not isinstance(self.router, SketchRouter):
+            raise ValueError(f"only a sketch router reads a share of channels, not {self.spec['router']['kind']!r}")
+        self.router.set_channels(channels)
+        r = self.spec["router"]
+        self.spec["router"] = {**r, "options": {**r.get("options", {}), "channels": channels}}
 
     def set_router_input(self, source: str):
         """"own" (the router reads this layer's input) or "previous" (Pre-gated MoE: the previous

@@ -37,6 +37,7 @@ def test_convert_then_eval(tiny_folder, tmp_path):
     (["--method", "louvain"], "unknown method"),
     (["--calib", "/no/such/file.txt"], "no text source"),
     (["--calib-tokens", "40"], "fewer than"),
+    (["--router", "sketch", "--router-channels", "0"], "router channels"),
 ])
 def test_bad_settings_one_line_exit_2(tiny_folder, tmp_path, args, message):
     out = tmp_path / "run"
@@ -74,3 +75,25 @@ def test_record_names_the_source(tiny_folder, tmp_path):
     r = runner.invoke(app, ["convert", "--model", str(tiny_folder), "--out", str(out), "--no-eval", "--router", "similarity", *FAST])
     assert r.exit_code == 0, r.output
     assert json.loads((out / "moefy.json").read_text())["source"] == str(tiny_folder)
+
+
+def test_sketch_channels_change_after_loading(tiny_folder, tmp_path):
+    """A sketch router's channel share is a setting, like --active: eval can change it, and an
+    MLP-routed model refuses it with one line."""
+    out, js = tmp_path / "run", tmp_path / "eval.json"
+    wide = ["--experts", "64", "--shared", "0", "--calib", "pydoc", "--calib-tokens", "2048", "--seq-len", "32",
+            "--no-eval"]
+    r = runner.invoke(app, ["convert", "--model", str(tiny_folder), "--out", str(out), "--router", "sketch", *wide])
+    assert r.exit_code == 0, r.output
+    shares = {}
+    for channels in ("0.25", "1.0"):
+        r = runner.invoke(app, ["eval", str(out), "--data", "pydoc:heldout", "--tokens", "512", "--seq-len", "32",
+                                "--router-channels", channels, "--active", "0.75", "--json", str(js), "--overwrite"])
+        assert r.exit_code == 0, r.output
+        shares[channels] = json.loads(js.read_text())["moe"]["active_ffn_share"]
+    assert shares["0.25"] <= 0.75 and shares["1.0"] <= 0.75  # the router's cost is counted either way
+    mlp = tmp_path / "mlp"
+    r = runner.invoke(app, ["convert", "--model", str(tiny_folder), "--out", str(mlp), *FAST, "--no-eval"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["eval", str(mlp), "--router-channels", "0.5"])
+    assert r.exit_code == 2 and "sketch routers" in r.output and len(r.output.strip().splitlines()) == 1, r.output

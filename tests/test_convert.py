@@ -103,9 +103,15 @@ def test_sketch_router_saves_and_reloads_identically(model_type, tokenizer, tmp_
     m = moefy.convert(tiny_model(model_type), moe=fast_cfg(router="sketch", router_channels=0.4, num_experts=64,
                                                            shared=0.125), data=DATA, tokenizer=tokenizer)
     assert m.layers[0].router.kept == round(0.4 * 32)
+    k = m.layers[0].top_k
+    m.set_router_channels(0.2)  # a cheaper router leaves room for more experts at the same share
+    m.set_active(0.5)
+    assert m.layers[0].router.kept == round(0.2 * 32) and m.layers[0].top_k > k
     expected = outputs(m.model, ids)
     path = moefy.save(m, tmp_path / "run")
-    torch.testing.assert_close(outputs(moefy.load(path).model, ids), expected, atol=0, rtol=0)
+    reloaded = moefy.load(path)
+    assert reloaded.layers[0].router.kept == round(0.2 * 32) and reloaded.layers[0].top_k == m.layers[0].top_k
+    torch.testing.assert_close(outputs(reloaded.model, ids), expected, atol=0, rtol=0)
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
     torch.testing.assert_close(outputs(hf, ids), expected, atol=0, rtol=0)
 

@@ -79,7 +79,7 @@ def test_record_names_the_source(tiny_folder, tmp_path):
 
 def test_sketch_channels_change_after_loading(tiny_folder, tmp_path):
     """A sketch router's channel share is a setting, like --active: eval can change it, and an
-    MLP-routed model refuses it with one line."""
+    similarity-routed model refuses it with one line."""
     out, js = tmp_path / "run", tmp_path / "eval.json"
     wide = ["--experts", "64", "--shared", "0", "--calib", "pydoc", "--calib-tokens", "2048", "--seq-len", "32",
             "--no-eval"]
@@ -93,7 +93,7 @@ def test_sketch_channels_change_after_loading(tiny_folder, tmp_path):
         shares[channels] = json.loads(js.read_text())["moe"]["active_ffn_share"]
     assert shares["0.25"] <= 0.75 and shares["1.0"] <= 0.75  # the router's cost is counted either way
     mlp = tmp_path / "mlp"
-    r = runner.invoke(app, ["convert", "--model", str(tiny_folder), "--out", str(mlp), *FAST, "--no-eval"])
+    r = runner.invoke(app, ["convert", "--model", str(tiny_folder), "--out", str(mlp), *FAST, "--router", "similarity", "--no-eval"])
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["eval", str(mlp), "--router-channels", "0.5"])
     assert r.exit_code == 2 and "sketch routers" in r.output and len(r.output.strip().splitlines()) == 1, r.output

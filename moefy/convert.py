@@ -120,13 +120,15 @@ class MoEModel:
 
     @contextlib.contextmanager
     def _switch(self, flag: str):
-        for layer in self.layers:
+        layers = self.layers
+        before = [getattr(layer, flag) for layer in layers]  # restored on exit: the switches nest
+        for layer in layers:
             setattr(layer, flag, True)
         try:
             yield
         finally:
-            for layer in self.layers:
-                setattr(layer, flag, False)
+            for layer, value in zip(layers, before):
+                setattr(layer, flag, value)
 
 
 def convert(model, calib: str = "wiki-sample", moe: MoEConfig = MoEConfig(),

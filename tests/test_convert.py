@@ -31,6 +31,8 @@ def test_convert_every_family(model_type, tokenizer, ids):
         assert layer.top_k is not None and 1 <= layer.top_k < 8
     with m.all_experts():
         torch.testing.assert_close(outputs(m.model, ids), dense, atol=1e-4, rtol=1e-4)
+        moefy.evaluate(m, ids)  # runs the dense reference in its own all_experts(): the switches nest
+        torch.testing.assert_close(outputs(m.model, ids), dense, atol=1e-4, rtol=1e-4)
     sparse = outputs(m.model, ids)
     assert not torch.allclose(sparse, dense, atol=1e-3)
     r = moefy.evaluate(m, ids)

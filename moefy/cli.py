@@ -38,8 +38,9 @@ def convert(
     router: str = typer.Option("mlp", help="Router: mlp, sketch (training-free, reads the experts' own weights), "
                                             "similarity, representative."),
     router_loss: str = typer.Option("log-norm", help="mlp router target: log-norm, norm (D2DMoE) or bce (MoEfication)."),
-    router_channels: float = typer.Option(0.3, help="sketch router: share of each token's input channels "
-                                                    "(largest |x|) it reads, in (0, 1]."),
+    router_channels: Optional[float] = typer.Option(None, help="sketch router: share of each token's input channels "
+                                                               "(largest |x|) it reads, in (0, 1] (default: 0.6 x "
+                                                               "the active share, following --active later)."),
     router_input: str = typer.Option("own", help="What each mlp router reads: own (its layer's FFN input) or previous "
                                                  "(the previous layer's: Pre-gated MoE, experts known a layer ahead)."),
     budget: str = typer.Option("uniform", help="Per-layer top-k: uniform (same share everywhere) or sensitivity "

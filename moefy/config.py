@@ -38,7 +38,7 @@ class MoEConfig:
     router_loss: str = "log-norm"    # mlp router target: "log-norm" (MSE on log(1 + expert output norm)), "norm" (D2DMoE) or "bce" (MoEfication)
     router_steps: int = 400          # Adam steps per layer for trained routers
     router_lr: float = 3e-3          # Adam learning rate for trained routers
-    router_channels: float = 0.3     # sketch router: share of each token's input channels (largest |x|) it reads, (0, 1]
+    router_channels: float | None = None  # sketch router: share of each token's input channels (largest |x|) it reads, (0, 1]; None: 0.6 x active
     marker_share: float = 0.25       # a neuron is "active" on a token when in that token's top share by |h|
     seed: int = 0                    # seeds grouping and router training
 
@@ -59,7 +59,7 @@ class MoEConfig:
                               "(--router mlp --budget uniform)")
         if self.router_loss not in ("log-norm", "norm", "bce"):
             raise ConfigError(f"unknown router loss {self.router_loss!r}; choose log-norm, norm or bce")
-        if not 0 < self.router_channels <= 1:
+        if self.router_channels is not None and not 0 < self.router_channels <= 1:
             raise ConfigError(f"router channels must be in (0, 1], got {self.router_channels}")
         if self.num_experts < 2:
             raise ConfigError(f"experts must be at least 2, got {self.num_experts}")

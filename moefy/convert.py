@@ -19,7 +19,7 @@ from .config import DataConfig, MoEConfig
 from .errors import ConfigError
 from .grouping import NEEDS_COACTIVATION, split_neurons
 from .modeling_moefy import install_moe
-from .moe_layer import MoEFFN
+from .moe_layer import MoEFFN, sketch_channels_for
 from .profiling import profile
 from .routing import build_router, router_spec
 
@@ -59,8 +59,8 @@ class MoEModel:
             layer.set_selection(top_k, tau)
 
     def set_router_channels(self, channels: float):
-        """Every sketch router's share of input channels (set the active share after it: the
-        router's cost, and so the top-k a share allows, depends on it)."""
+        """Every sketch router's share of input channels, fixed from now on (set the active share
+        after it: the router's cost, and so the top-k a share allows, depends on it)."""
         if not 0 < channels <= 1:
             raise ConfigError(f"router channels must be in (0, 1], got {channels}")
         kinds = {layer.spec["router"]["kind"] for layer in self.layers}
@@ -85,7 +85,16 @@ class MoEModel:
             ks = allocate(curves, [l.flops_per_token(1) - l.flops_per_token(0) for l in layers],
                           [l.flops_per_token(0) for l in layers], share * sum(l.dense_flops_per_token() for l in layers))
         elif budget == "uniform":
-            ks = [_top_k(layer, share) for layer in layers]  # all checked before any changes
+            follow = [l for l in layers if getattr(l.router, "auto", False)]  # sketch routers with auto channels
+            before = [l.router.channels for l in follow]
+            for layer in follow:
+                layer.set_router_channels(sketch_channels_for(share), auto=True)
+            try:
+                ks = [_top_k(layer, share) for layer in layers]  # all checked before any changes
+            except ConfigError:
+                for layer, channels in zip(follow, before):
+                    layer.set_router_channels(channels, auto=True)
+                raise
         else:
             raise ConfigError(f"unknown budget {budget!r}; choose uniform or sensitivity")
         for layer, k in zip(layers, ks):

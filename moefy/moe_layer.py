@@ -103,6 +103,12 @@ class MLPRouter(nn.Module):
         return 2 * (self.fc1.weight.numel() + self.fc2.weight.numel())
 
 
+def sketch_channels_for(active: float | None) -> float:
+    """The sketch router's default channel share for an active FFN share: 0.6 x the share (0.3 at
+    50%, 0.15 at 25%: the best measured on SmolLM2, BENCHMARKS.md); 0.3 without one (dynamic-k)."""
+    return 0.3 if active is None else min(1.0, max(0.05, round(0.6 * active, 4)))
+
+
 class SketchRouter(nn.Module):
     """Training-free and without weights of its own: it reads its layer's expert weights. Each
     token keeps its `channels` share of input channels with the largest |x| (TEAL's input
@@ -112,10 +118,11 @@ class SketchRouter(nn.Module):
     Its cost is the sketch: `channels` x the gate and up products of the routed neurons."""
 
     def __init__(self, hidden: int, num_experts: int, gated: bool = True, expert_size: int = 1,
-                 channels: float = 0.3, **_):
+                 channels: float = 0.3, auto: bool = False, **_):
         super().__init__()
         self.hidden = hidden
         self.shape = (num_experts, expert_size, 2 if gated else 1)
+        self.auto = auto  # the share follows the active FFN share (sketch_channels_for), see MoEModel.set_active
         self.set_channels(channels)
         self.__dict__["layer"] = None  # the MoEFFN whose weights it reads (set by it; not a submodule)
 
@@ -268,14 +275,15 @@ class MoEFFN(nn.Module):
         self.top_k, self.tau = top_k, tau
         self.spec.update(top_k=top_k, tau=tau)
 
-    def set_router_channels(self, channels: float):
+    def set_router_channels(self, channels: float, auto: bool = False):
         """A sketch router's share of input channels (its cost, hence top_k_for_share, changes with
-        it); kept in the spec that is saved."""
+        it); `auto`: it follows the active share from now on. Kept in the spec that is saved."""
         if not isinstance(self.router, SketchRouter):
             raise ValueError(f"only a sketch router reads a share of channels, not {self.spec['router']['kind']!r}")
         self.router.set_channels(channels)
+        self.router.auto = auto
         r = self.spec["router"]
-        self.spec["router"] = {**r, "options": {**r.get("options", {}), "channels": channels}}
+        self.spec["router"] = {**r, "options": {**r.get("options", {}), "channels": channels, "auto": auto}}
 
     def set_router_input(self, source: str):
         """"own" (the router reads this layer's input) or "previous" (Pre-gated MoE: the previous

@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .moe_layer import MoEFFN, select_experts
+from .moe_layer import MoEFFN, select_experts, sketch_channels_for
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,9 @@ def router_spec(kind: str, cfg) -> dict:
         output = {"norm": "norm", "log-norm": "log-norm", "bce": "probability"}[cfg.router_loss]
         return {"kind": "mlp", "options": {"router_hidden": cfg.router_hidden, "output": output}}
     if kind == "sketch":
-        return {"kind": "sketch", "options": {"channels": cfg.router_channels}}
+        auto = cfg.router_channels is None
+        channels = sketch_channels_for(cfg.active) if auto else cfg.router_channels
+        return {"kind": "sketch", "options": {"channels": channels, "auto": auto}}
     return {"kind": kind}
 
 

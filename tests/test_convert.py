@@ -118,6 +118,25 @@ def test_sketch_router_saves_and_reloads_identically(model_type, tokenizer, tmp_
     torch.testing.assert_close(outputs(hf, ids), expected, atol=0, rtol=0)
 
 
+def test_sketch_channels_follow_the_active_share_by_default(tokenizer, tmp_path, ids):
+    m = moefy.convert(tiny_model("llama"), moe=fast_cfg(router="sketch", num_experts=64, active=0.5), data=DATA,
+                      tokenizer=tokenizer)
+    layer = m.layers[0]
+    assert layer.router.auto and layer.router.channels == 0.3
+    m.set_active(0.75)
+    assert layer.router.channels == 0.45 and layer.flops_per_token(layer.top_k) <= 0.75 * layer.dense_flops_per_token()
+    k = layer.top_k
+    with pytest.raises(ConfigError):  # nothing fits: the share and the top-k stay as they were
+        m.set_active(0.01)
+    assert layer.router.channels == 0.45 and layer.top_k == k
+    reloaded = moefy.load(moefy.save(m, tmp_path / "run"))
+    assert reloaded.layers[0].router.auto and reloaded.layers[0].router.channels == 0.45
+    torch.testing.assert_close(outputs(reloaded.model, ids), outputs(m.model, ids), atol=0, rtol=0)
+    m.set_router_channels(0.2)  # an explicit share stays put
+    m.set_active(0.5)
+    assert not layer.router.auto and layer.router.channels == 0.2
+
+
 def test_save_refuses_existing_without_overwrite(tokenizer, tmp_path, ids):
     m = moefy.convert(tiny_model("gpt2"), moe=fast_cfg(router="similarity"), data=DATA, tokenizer=tokenizer)
     target = tmp_path / "run"

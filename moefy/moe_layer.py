@@ -495,8 +495,9 @@ class MoEFFN(nn.Module):
         E, n, D = self.w_in.shape
         idx = x.abs().topk(kept, dim=-1).indices  # [T, c]
         kern = _kernels()
-        if kern is not None and not (x.dtype == self.w_in.dtype == torch.float32 and x.device.type == "cpu"):
-            kern = None
+        if kern is not None and not (x.dtype == self.w_in.dtype == torch.float32 and x.device.type == "cpu"
+                                     and x.shape[0] <= KERNEL_FUSED_MAX_TOKENS):
+            kern = None  # many tokens: one GEMM on the masked inputs is faster than gathering rows per token
         if x.shape[0] == 1 or kern is not None:
             # Read only the kept channels' rows of the transposed weights ([D, E*n], cached).
             t_in, t_up = self._cached("transposed", lambda: tuple(

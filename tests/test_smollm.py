@@ -46,8 +46,9 @@ def test_smollm_sketch_router_keeps_quality_at_half_compute(smollm):
     """The training-free sketch router with one-neuron experts on the real model: at 50% of the FFN
     FLOPs (its own cost counted) held-out perplexity stays within 2x dense (BENCHMARKS.md: 1.60x on
     8,160 tokens; the trained MLP router with 384 experts of 4 gives 3.04x)."""
-    m = moefy.convert(smollm.model, moe=MoEConfig(num_experts=1536, shared=0.1, active=0.5, router="sketch"),
-                      data=DataConfig(source="wiki-sample", tokens=2048, seq_len=256), tokenizer=smollm.tokenizer)
+    fresh = models.load("smollm2-135m")  # convert() swaps the FFNs in place: the module fixture's model is taken
+    m = moefy.convert(fresh.model, moe=MoEConfig(num_experts=1536, shared=0.1, active=0.5, router="sketch"),
+                      data=DataConfig(source="wiki-sample", tokens=2048, seq_len=256), tokenizer=fresh.tokenizer)
     layer = m.layers[0]
     assert layer.spec["expert_size"] == 1 and layer.router.kept == round(0.3 * 576)
     assert layer.flops_per_token(layer.top_k) <= 0.5 * layer.dense_flops_per_token()

@@ -41,6 +41,8 @@ def convert(
     router_channels: Optional[float] = typer.Option(None, help="sketch router: share of each token's input channels "
                                                                "(largest |x|) it reads, in (0, 1] (default: 0.6 x "
                                                                "the active share, following --active later)."),
+    router_reuse: bool = typer.Option(True, help="sketch router: the selected neurons start from the sketch's sums "
+                                                 "and add only the channels it did not read (fewer FLOPs per neuron)."),
     router_input: str = typer.Option("own", help="What each mlp router reads: own (its layer's FFN input) or previous "
                                                  "(the previous layer's: Pre-gated MoE, experts known a layer ahead)."),
     budget: str = typer.Option("uniform", help="Per-layer top-k: uniform (same share everywhere) or sensitivity "
@@ -79,7 +81,7 @@ def convert(
             check_target(json_out, overwrite)
         moe_cfg = MoEConfig(num_experts=experts, active=None if tau is not None else active, tau=tau,
                             method=method, router=router, router_loss=router_loss, router_input=router_input,
-                            router_channels=router_channels, shared=shared, seed=seed,
+                            router_channels=router_channels, router_reuse=router_reuse, shared=shared, seed=seed,
                             budget=budget)
         data_cfg = DataConfig(source=calib, seq_len=seq_len, tokens=calib_tokens)
         lw_cfg = lw_mod.LayerwiseConfig(propagate=propagate, device=device, dtype=dtype, offload=offload)

@@ -39,6 +39,7 @@ class MoEConfig:
     router_steps: int = 400          # Adam steps per layer for trained routers
     router_lr: float = 3e-3          # Adam learning rate for trained routers
     router_channels: float | None = None  # sketch router: share of each token's input channels (largest |x|) it reads, (0, 1]; None: 0.6 x active
+    router_reuse: bool = True        # sketch router: the selected neurons complete its partial sums (their gate and up cost 1 - channels)
     marker_share: float = 0.25       # a neuron is "active" on a token when in that token's top share by |h|
     seed: int = 0                    # seeds grouping and router training
 

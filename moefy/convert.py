@@ -69,6 +69,15 @@ class MoEModel:
         for layer in self.layers:
             layer.set_router_channels(channels)
 
+    def set_router_reuse(self, reuse: bool):
+        """Whether every sketch router's selected neurons complete its partial sums (set the
+        active share after it: the neurons' cost, and so the top-k a share allows, changes)."""
+        kinds = {layer.spec["router"]["kind"] for layer in self.layers}
+        if kinds != {"sketch"}:
+            raise ConfigError(f"reusing partial sums applies to sketch routers; this model's are {', '.join(sorted(kinds))}")
+        for layer in self.layers:
+            layer.set_router_reuse(reuse)
+
     def set_active(self, share: float, budget: str | None = None):
         """Fixed top-k per layer within `share` of the dense FFN FLOPs (routers counted).
         budget="uniform": each layer the largest k that fits the share; "sensitivity": the model's

@@ -114,15 +114,20 @@ class SketchRouter(nn.Module):
     token keeps its `channels` share of input channels with the largest |x| (TEAL's input
     sparsity, Liu et al. 2024) and computes every routed neuron's activation from those channels
     alone; an expert's score is the output norm these sketched activations give (as
-    MoEFFN.expert_norms does for the exact ones). The selected experts are then computed in full.
-    Its cost is the sketch: `channels` x the gate and up products of the routed neurons."""
+    MoEFFN.expert_norms does for the exact ones). The selected experts are then computed exactly.
+    Its cost is the sketch: `channels` x the gate and up products of the routed neurons.
+
+    `reuse`: the selected neurons start from the sketch's sums and add only the channels it did
+    not read, so their gate and up products cost (1 - channels) of a full one (the compiled path
+    does exactly that; the torch paths compute the same values from all channels)."""
 
     def __init__(self, hidden: int, num_experts: int, gated: bool = True, expert_size: int = 1,
-                 channels: float = 0.3, auto: bool = False, **_):
+                 channels: float = 0.3, auto: bool = False, reuse: bool = False, **_):
         super().__init__()
         self.hidden = hidden
         self.shape = (num_experts, expert_size, 2 if gated else 1)
         self.auto = auto  # the share follows the active FFN share (sketch_channels_for), see MoEModel.set_active
+        self.reuse = reuse
         self.set_channels(channels)
         self.__dict__["layer"] = None  # the MoEFFN whose weights it reads (set by it; not a submodule)
 
@@ -138,6 +143,10 @@ class SketchRouter(nn.Module):
     def flops_per_token(self) -> int:
         E, n, matrices = self.shape
         return 2 * self.kept * E * n * matrices + 2 * E * n * n  # the sketch, then h^T G h per expert
+
+    def reused_flops_per_neuron(self) -> int:
+        """What a selected neuron saves by starting from the sketch's sums (0 without reuse)."""
+        return 2 * self.kept * self.shape[2] if self.reuse else 0
 
 
 ROUTERS = {"similarity": SimilarityRouter, "representative": RepresentativeRouter, "mlp": MLPRouter,
@@ -232,6 +241,7 @@ class MoEFFN(nn.Module):
         if isinstance(self.router, SketchRouter):
             self.router.__dict__["layer"] = self
         self._mlp_router = isinstance(self.router, MLPRouter)
+        self._sketch_reuse = isinstance(self.router, SketchRouter) and self.router.reuse
         # "previous": the router reads the previous layer's FFN input (Pre-gated MoE, Hwang et al.
         # 2024), which that layer hands over in its forward (see link_pregated).
         self.router_input = spec.get("router_input", "own")
@@ -285,6 +295,15 @@ class MoEFFN(nn.Module):
         r = self.spec["router"]
         self.spec["router"] = {**r, "options": {**r.get("options", {}), "channels": channels, "auto": auto}}
 
+    def set_router_reuse(self, reuse: bool):
+        """Whether the selected neurons complete a sketch router's partial sums (SketchRouter);
+        their FLOPs, hence top_k_for_share, change with it. Kept in the spec that is saved."""
+        if not isinstance(self.router, SketchRouter):
+            raise ValueError(f"only a sketch router has partial sums to reuse, not {self.spec['router']['kind']!r}")
+        self.router.reuse = self._sketch_reuse = bool(reuse)
+        r = self.spec["router"]
+        self.spec["router"] = {**r, "options": {**r.get("options", {}), "reuse": bool(reuse)}}
+
     def set_router_input(self, source: str):
         """"own" (the router reads this layer's input) or "previous" (Pre-gated MoE: the previous
         layer's input; call link_pregated on the model's layers after); kept in the saved spec."""
@@ -311,7 +330,8 @@ class MoEFFN(nn.Module):
         """FFN FLOPs for a token that uses `mean_k` experts, router included (multiply-adds x 2)."""
         E, n, D = self.w_in.shape
         neurons = self.spec["shared"] + mean_k * n
-        return self.router.flops_per_token() + 2 * self.matrices * D * neurons
+        saved = mean_k * n * self.router.reused_flops_per_neuron() if self._sketch_reuse else 0
+        return self.router.flops_per_token() + 2 * self.matrices * D * neurons - saved
 
     def top_k_for_share(self, active: float) -> int:
         """The largest k whose FFN FLOPs (router and shared neurons included) stay within `active`
@@ -407,6 +427,8 @@ class MoEFFN(nn.Module):
         T = x.shape[0]
         self.tokens_seen += T
         few = T <= KERNEL_FUSED_MAX_TOKENS
+        if self._sketch_reuse and not self.oracle and self.router_input == "own":
+            return self._sketch_kernel(kern, args, x)
         if self.tau is None:
             self.experts_selected += T * self.top_k
             if few and self._fused_router and not self.oracle:
@@ -418,6 +440,20 @@ class MoEFFN(nn.Module):
             self.experts_selected += len(experts)
             y = kern.experts(args, x, experts, F.pad(mask.sum(1).cumsum(0), (1, 0)), shared=few)
         return y if few or self.shared_in is None else y + self._shared(x)
+
+    def _sketch_kernel(self, kern, args, x):
+        """The compiled path of a sketch router with reuse: the selected neurons complete the
+        sketch's partial sums over the channels it did not read."""
+        scores, (kept, gp, upp) = self.sketch_norms(x, self.router.kept, partials=True)
+        if self.tau is None:
+            self.experts_selected += x.shape[0] * self.top_k
+            y = kern.sketch_experts(args, x, kept, gp, upp, kern.topk(scores, self.top_k))
+        else:
+            mask = select_experts(scores, self.top_k, self.tau)
+            experts = mask.nonzero()[:, 1].contiguous()
+            self.experts_selected += len(experts)
+            y = kern.sketch_experts(args, x, kept, gp, upp, experts, F.pad(mask.sum(1).cumsum(0), (1, 0)))
+        return y if self.shared_in is None else y + self._shared(x)
 
     def _masked(self, x):
         """Training path (recovery tuning, moefy.tuning): the same function as the sparse paths,
@@ -489,33 +525,49 @@ class MoEFFN(nn.Module):
             h = h * torch.einsum("td,end->etn", x, self.w_up)
         return torch.bmm(h, self.w_out)  # [E, T, D]
 
-    def sketch_norms(self, x: torch.Tensor, kept: int) -> torch.Tensor:
+    def sketch_norms(self, x: torch.Tensor, kept: int, partials: bool = False):
         """SketchRouter's scores [T, E]: each expert's output norm with its neurons' activations
-        computed from the token's `kept` input channels of largest |x| (the others read as 0)."""
+        computed from the token's `kept` input channels of largest |x| (the others read as 0).
+        `partials` (compiled path, fp32 CPU x): (scores, (kept channel ids [T, c], gate sums, up
+        sums [T, E*n] or None)), the sums before bias and activation, for `kernels.sketch_experts`."""
         E, n, D = self.w_in.shape
         idx = x.abs().topk(kept, dim=-1).indices  # [T, c]
         kern = _kernels()
-        if kern is not None and not (x.dtype == self.w_in.dtype == torch.float32 and x.device.type == "cpu"
-                                     and x.shape[0] <= KERNEL_FUSED_MAX_TOKENS):
+        few = x.shape[0] <= KERNEL_FUSED_MAX_TOKENS
+        if kern is not None and not (x.dtype == self.w_in.dtype == torch.float32 and x.device.type == "cpu" and few):
             kern = None  # many tokens: one GEMM on the masked inputs is faster than gathering rows per token
+        sums = None
         if x.shape[0] == 1 or kern is not None:
             # Read only the kept channels' rows of the transposed weights ([D, E*n], cached).
             t_in, t_up = self._cached("transposed", lambda: tuple(
                 None if w is None else w.reshape(E * n, D).T.contiguous() for w in (self.w_in, self.w_up)))
             b_in = None if self.b_in is None else self.b_in.reshape(-1)
             if kern is not None:
-                h = kern.sketch(x.contiguous(), idx, t_in, t_up, b_in, self.act)
+                h = kern.sketch(x.contiguous(), idx, t_in, t_up, b_in, self.act, partials=partials)
+                if partials:
+                    h, *sums = h
             else:  # one token, torch only
                 i, xs = idx[0], x[0, idx[0]]
                 h = ACTIVATIONS[self.act](xs @ t_in.index_select(0, i) + (0 if b_in is None else b_in))
                 h = (h if t_up is None else h * (xs @ t_up.index_select(0, i)))[None]
         else:
-            h = self.hidden_all(torch.zeros_like(x).scatter_(-1, idx, x.gather(-1, idx)))  # [T, E*n]
+            masked = torch.zeros_like(x).scatter_(-1, idx, x.gather(-1, idx))
+            flat = lambda w: None if w is None else w.reshape(E * n, *w.shape[2:])  # noqa: E731
+            g, u = (None if w is None else F.linear(masked, flat(w)) for w in (self.w_in, self.w_up))
+            h = ACTIVATIONS[self.act](g if self.b_in is None else g + flat(self.b_in))  # [T, E*n]
+            h = h if u is None else h * u
+            sums = [g, u]
         h = h.view(-1, E, n)
         if n == 1:
-            return h[..., 0].abs() * self._cached("out_norms", lambda: self.w_out[:, 0].norm(dim=-1))
-        gram = self._cached("gram", lambda: self.w_out @ self.w_out.transpose(1, 2))  # [E, n, n]
-        return torch.einsum("ten,enm,tem->te", h, gram, h).clamp_min(0).sqrt()
+            scores = h[..., 0].abs() * self._cached("out_norms", lambda: self.w_out[:, 0].norm(dim=-1))
+        else:
+            gram = self._cached("gram", lambda: self.w_out @ self.w_out.transpose(1, 2))  # [E, n, n]
+            scores = torch.einsum("ten,enm,tem->te", h, gram, h).clamp_min(0).sqrt()
+        if not partials:
+            return scores
+        if sums is None:
+            raise RuntimeError("sketch partial sums need the compiled kernels or more than one token")
+        return scores, (idx, *sums)
 
     def _cached(self, name: str, make):
         """A tensor derived from the weights, remade when any of them changed (in place too)."""

@@ -92,6 +92,12 @@ def test_sketch_channels_change_after_loading(tiny_folder, tmp_path):
         assert r.exit_code == 0, r.output
         shares[channels] = json.loads(js.read_text())["moe"]["active_ffn_share"]
     assert shares["0.25"] <= 0.75 and shares["1.0"] <= 0.75  # the router's cost is counted either way
+    plain = tmp_path / "plain"
+    r = runner.invoke(app, ["convert", "--model", str(tiny_folder), "--out", str(plain), "--router", "sketch",
+                            "--no-router-reuse", *wide])
+    assert r.exit_code == 0, r.output
+    options = [json.loads((d / "config.json").read_text())["moefy"]["layers"][0]["router"]["options"] for d in (out, plain)]
+    assert options[0]["reuse"] is True and options[1]["reuse"] is False
     mlp = tmp_path / "mlp"
     r = runner.invoke(app, ["convert", "--model", str(tiny_folder), "--out", str(mlp), *FAST, "--router", "similarity", "--no-eval"])
     assert r.exit_code == 0, r.output

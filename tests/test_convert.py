@@ -113,6 +113,7 @@ def test_sketch_router_saves_and_reloads_identically(model_type, tokenizer, tmp_
     path = moefy.save(m, tmp_path / "run")
     reloaded = moefy.load(path)
     assert reloaded.layers[0].router.kept == round(0.2 * 32) and reloaded.layers[0].top_k == m.layers[0].top_k
+    assert reloaded.layers[0].router.reuse  # the selected neurons complete the sketch's sums (the default)
     torch.testing.assert_close(outputs(reloaded.model, ids), expected, atol=0, rtol=0)
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
     torch.testing.assert_close(outputs(hf, ids), expected, atol=0, rtol=0)
@@ -135,6 +136,13 @@ def test_sketch_channels_follow_the_active_share_by_default(tokenizer, tmp_path,
     m.set_router_channels(0.2)  # an explicit share stays put
     m.set_active(0.5)
     assert not layer.router.auto and layer.router.channels == 0.2
+    k = layer.top_k
+    m.set_router_reuse(False)  # every selected neuron then costs a full one: fewer fit
+    m.set_active(0.5)
+    assert not layer.router.reuse and layer.top_k < k
+    reloaded = moefy.load(moefy.save(m, tmp_path / "run2"))
+    assert not reloaded.layers[0].router.reuse and reloaded.layers[0].top_k == layer.top_k
+    torch.testing.assert_close(outputs(reloaded.model, ids), outputs(m.model, ids), atol=0, rtol=0)
 
 
 def test_save_refuses_existing_without_overwrite(tokenizer, tmp_path, ids):

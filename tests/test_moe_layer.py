@@ -49,7 +49,7 @@ def path(request, monkeypatch):
 def selection(moe, x):
     """The experts the layer will use for x, by the same rule as its forward: the kernels rank
     scores in C++ (ties may break differently from torch.topk)."""
-    x = x.reshape(-1, D)
+    x = x.reshape(-1, x.shape[-1])
     kern = moe_layer._kernels()
     if kern is None or torch.is_grad_enabled() or moe.tau is not None:
         return moe.route(x)
@@ -229,3 +229,69 @@ def test_sketch_router_follows_weight_changes(path):
         fresh.load_state_dict(moe.state_dict())
         torch.testing.assert_close(after, fresh.router(rows))
     assert list(moe.router.parameters()) == [] and list(moe.router.buffers()) == []
+
+
+@pytest.mark.parametrize("kind,bias,shared", CASES)
+@pytest.mark.parametrize("tau", [None, 0.5])
+@pytest.mark.parametrize("n", [1, 6])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sketch_reuse_matches_reference(kind, bias, shared, tau, n, threads, path):
+    """Completing the sketch's partial sums gives the selected experts' exact outputs."""
+    _, moe = make_moe(kind, bias, shared, E=(I - shared) // n, tau=tau, router="sketch", channels=0.25, reuse=True)
+    x = torch.randn(4, 5, D)  # 20 tokens: the many-token sketch (one GEMM) feeds the kernel
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.testing.assert_close(moe(x), moe.forward_reference(x, selection(moe, x)), atol=1e-4, rtol=1e-5)
+        for t in range(5):  # few tokens: the sketch kernel's sums
+            rows = x[0, t:t + 1 + t % 3]
+            torch.testing.assert_close(moe(rows), moe.forward_reference(rows, selection(moe, rows)),
+                                       atol=1e-4, rtol=1e-5)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("kind,bias", [("swiglu", False), ("mlp", True)])
+def test_sketch_reuse_kernel_reads_only_the_channels_left(kind, bias, path):
+    """The kernel takes the kept channels' part of each selected neuron from the sketch: with
+    those weight columns poisoned, the output is still exact. Wide rows cover the gathers' tail."""
+    if path == "torch":
+        pytest.skip("kernel-only")
+    g = torch.Generator().manual_seed(3)
+    d, i = 75, 40
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    f = DenseFFN(kind, "silu" if kind == "swiglu" else "gelu", r(i, d), r(i, d) if kind == "swiglu" else None,
+                 r(i) if bias else None, r(i, d) / 5, None)
+    moe = MoEFFN.from_dense(f, torch.arange(0), torch.arange(i).view(-1, 2),
+                            {"kind": "sketch", "options": {"channels": 0.3, "reuse": True}}, top_k=5)
+    kern = moe_layer._kernels()
+    for _ in range(4):
+        x = torch.randn(1, d, generator=g)
+        mask = selection(moe, x)
+        _, (kept, gp, upp) = moe.sketch_norms(x, moe.router.kept, partials=True)
+        assert kept.shape == (1, 22)  # 0.3 x 75
+        poisoned = MoEFFN(moe.spec)
+        poisoned.load_state_dict(moe.state_dict())
+        for w in (poisoned.w_in, poisoned.w_up):
+            if w is not None:
+                w.data[:, :, kept[0]] = float("nan")
+        experts = mask.nonzero()[:, 1].view(1, -1).contiguous()
+        y = kern.sketch_experts(poisoned._kernel_args(kern), x, kept, gp, upp, experts)
+        torch.testing.assert_close(y, moe.forward_reference(x, mask), atol=1e-4, rtol=1e-5)
+
+
+def test_sketch_reuse_counts_fewer_flops_per_neuron():
+    _, plain = make_moe(router="sketch", channels=0.25, E=48)
+    _, reuse = make_moe(router="sketch", channels=0.25, E=48, reuse=True)
+    assert plain.router.flops_per_token() == reuse.router.flops_per_token()
+    # gate and up of a selected neuron read only the 18 channels the sketch left (of D = 24); down reads all
+    assert reuse.flops_per_token(10) == reuse.router.flops_per_token() + 10 * 2 * (18 + 18 + 24)
+    assert plain.flops_per_token(10) == plain.router.flops_per_token() + 10 * 2 * 3 * 24
+    assert reuse.top_k_for_share(0.5) > plain.top_k_for_share(0.5)
+    plain.set_router_reuse(True)
+    assert plain.flops_per_token(10) == reuse.flops_per_token(10) and plain.spec["router"]["options"]["reuse"]
+    fresh = MoEFFN(plain.spec)
+    assert fresh.router.reuse and fresh._sketch_reuse
+    _, mlp = make_moe()
+    with pytest.raises(ValueError, match="sketch"):
+        mlp.set_router_reuse(True)

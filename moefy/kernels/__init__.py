@@ -95,8 +95,12 @@ class Kernels:
         self._topk.argtypes = [i64, i64, i64, ptr, ptr, c_int]
         self._topk.restype = None
         self._sketch = lib.moefy_sketch
-        self._sketch.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, c_int, ptr, c_int]
+        self._sketch.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, c_int, ptr, ptr, ptr, c_int]
         self._sketch.restype = None
+        self._sketch_experts = lib.moefy_sketch_experts
+        self._sketch_experts.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr,
+                                         ptr, c_int, ptr, c_int]
+        self._sketch_experts.restype = None
         self.weights_key = weights_key
 
     @staticmethod
@@ -128,14 +132,33 @@ class Kernels:
         return idx
 
     def sketch(self, x: torch.Tensor, idx: torch.Tensor, wt_in: torch.Tensor, wt_up: torch.Tensor | None,
-               b_in: torch.Tensor | None, act: str) -> torch.Tensor:
+               b_in: torch.Tensor | None, act: str, partials: bool = False):
         """The sketch router's activations [T, I] for x [T, D] from its kept channels idx [T, c]
-        (int64), with the routed weights transposed to [D, I] (all contiguous fp32)."""
+        (int64), with the routed weights transposed to [D, I] (all contiguous fp32). With
+        `partials`: (h, gate sums, up sums or None), the sums before bias and activation."""
         T, c = idx.shape
-        h = torch.empty(T, wt_in.shape[1])
-        self._sketch(T, x.shape[1], wt_in.shape[1], c, x.data_ptr(), idx.data_ptr(), wt_in.data_ptr(), _ptr(wt_up),
-                     _ptr(b_in), ACT_CODES[act], h.data_ptr(), torch.get_num_threads())
-        return h
+        I = wt_in.shape[1]
+        h = torch.empty(T, I)
+        gp = torch.empty(T, I) if partials else None
+        upp = torch.empty(T, I) if partials and wt_up is not None else None
+        self._sketch(T, x.shape[1], I, c, x.data_ptr(), idx.data_ptr(), wt_in.data_ptr(), _ptr(wt_up),
+                     _ptr(b_in), ACT_CODES[act], h.data_ptr(), _ptr(gp), _ptr(upp), torch.get_num_threads())
+        return (h, gp, upp) if partials else h
+
+    def sketch_experts(self, args: "LayerArgs", x: torch.Tensor, kept: torch.Tensor, gp: torch.Tensor,
+                       upp: torch.Tensor | None, experts: torch.Tensor,
+                       offsets: torch.Tensor | None = None) -> torch.Tensor:
+        """The routed experts for x [T, D], completing the sketch's partial sums (`kernels.sketch`
+        with partials, on the same x and kept channels [T, c]): each selected neuron adds only the
+        channels the sketch did not read. Experts as in `experts`; no shared neurons, no b_out."""
+        y = torch.empty_like(x)
+        D, n = args.experts_head
+        K = experts.shape[1] if offsets is None else 0
+        w_in, w_up, b_in, w_out = args.experts_tail[:4]
+        self._sketch_experts(x.shape[0], D, n, kept.shape[1], x.data_ptr(), kept.data_ptr(), gp.data_ptr(),
+                             _ptr(upp), gp.shape[1], _ptr(offsets), K, experts.data_ptr(), w_in, w_up, b_in, w_out,
+                             args.experts_tail[-1], y.data_ptr(), torch.get_num_threads())
+        return y
 
     def mlp_moe(self, args: "LayerArgs", x: torch.Tensor, k: int) -> torch.Tensor:
         """The whole layer with its MLP router and fixed top-k, in one call (b_out not added)."""

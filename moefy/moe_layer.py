@@ -444,6 +444,10 @@ class MoEFFN(nn.Module):
     def _sketch_kernel(self, kern, args, x):
         """The compiled path of a sketch router with reuse: the selected neurons complete the
         sketch's partial sums over the channels it did not read."""
+        if self.tau is None and x.shape[0] <= KERNEL_FUSED_MAX_TOKENS and self.spec["expert_size"] == 1:
+            self.experts_selected += x.shape[0] * self.top_k
+            t_in, t_up, norms = self._sketch_weights()
+            return kern.sketch_moe(args, x, self.top_k, self.router.kept, t_in, t_up, norms)
         scores, (kept, gp, upp) = self.sketch_norms(x, self.router.kept, partials=True)
         if self.tau is None:
             self.experts_selected += x.shape[0] * self.top_k
@@ -539,8 +543,7 @@ class MoEFFN(nn.Module):
         sums = None
         if x.shape[0] == 1 or kern is not None:
             # Read only the kept channels' rows of the transposed weights ([D, E*n], cached).
-            t_in, t_up = self._cached("transposed", lambda: tuple(
-                None if w is None else w.reshape(E * n, D).T.contiguous() for w in (self.w_in, self.w_up)))
+            t_in, t_up, _ = self._sketch_weights()
             b_in = None if self.b_in is None else self.b_in.reshape(-1)
             if kern is not None:
                 h = kern.sketch(x.contiguous(), idx, t_in, t_up, b_in, self.act, partials=partials)
@@ -559,7 +562,7 @@ class MoEFFN(nn.Module):
             sums = [g, u]
         h = h.view(-1, E, n)
         if n == 1:
-            scores = h[..., 0].abs() * self._cached("out_norms", lambda: self.w_out[:, 0].norm(dim=-1))
+            scores = h[..., 0].abs() * self._sketch_weights()[2]
         else:
             gram = self._cached("gram", lambda: self.w_out @ self.w_out.transpose(1, 2))  # [E, n, n]
             scores = torch.einsum("ten,enm,tem->te", h, gram, h).clamp_min(0).sqrt()
@@ -568,6 +571,16 @@ class MoEFFN(nn.Module):
         if sums is None:
             raise RuntimeError("sketch partial sums need the compiled kernels or more than one token")
         return scores, (idx, *sums)
+
+    def _sketch_weights(self):
+        """The sketch's view of the routed weights, derived and cached: gate and up transposed to
+        [D, E*n] (a kept channel is one contiguous row), and for one-neuron experts the down rows'
+        norms [E] (None otherwise)."""
+        def make():
+            E, n, D = self.w_in.shape
+            t_in, t_up = (None if w is None else w.reshape(E * n, D).T.contiguous() for w in (self.w_in, self.w_up))
+            return t_in, t_up, self.w_out[:, 0].norm(dim=-1) if n == 1 else None
+        return self._cached("sketch", make)
 
     def _cached(self, name: str, make):
         """A tensor derived from the weights, remade when any of them changed (in place too)."""

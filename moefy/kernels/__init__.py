@@ -101,6 +101,10 @@ class Kernels:
         self._sketch_experts.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr,
                                          ptr, c_int, ptr, c_int]
         self._sketch_experts.restype = None
+        self._sketch_moe = lib.moefy_sketch_moe
+        self._sketch_moe.argtypes = [i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr,
+                                     ptr, ptr, c_int, ptr, c_int]
+        self._sketch_moe.restype = None
         self.weights_key = weights_key
 
     @staticmethod
@@ -158,6 +162,18 @@ class Kernels:
         self._sketch_experts(x.shape[0], D, n, kept.shape[1], x.data_ptr(), kept.data_ptr(), gp.data_ptr(),
                              _ptr(upp), gp.shape[1], _ptr(offsets), K, experts.data_ptr(), w_in, w_up, b_in, w_out,
                              args.experts_tail[-1], y.data_ptr(), torch.get_num_threads())
+        return y
+
+    def sketch_moe(self, args: "LayerArgs", x: torch.Tensor, k: int, kept: int, wt_in: torch.Tensor,
+                   wt_up: torch.Tensor | None, out_norms: torch.Tensor) -> torch.Tensor:
+        """The whole layer for a sketch router with reuse over one-neuron experts and a fixed
+        top-k, in one call: kept channels, sketch, scores, top-k, completion, shared neurons
+        (b_out not added). wt_in / wt_up: the routed weights transposed [D, I]."""
+        y = torch.empty_like(x)
+        w_in, w_up, b_in, w_out, S, s_in, s_up, s_b, s_out, act = args.experts_tail
+        self._sketch_moe(x.shape[0], x.shape[1], wt_in.shape[1], kept, k, x.data_ptr(), wt_in.data_ptr(), _ptr(wt_up),
+                         b_in, out_norms.data_ptr(), w_in, w_up, w_out, S, s_in, s_up, s_b, s_out, act, y.data_ptr(),
+                         torch.get_num_threads())
         return y
 
     def mlp_moe(self, args: "LayerArgs", x: torch.Tensor, k: int) -> torch.Tensor:

@@ -515,3 +515,61 @@ void moefy_sketch_experts(int64_t T, int64_t D, int64_t n, int64_t c, const floa
 }
 
 }  // extern "C"
+
+extern "C" {
+
+// The whole layer for a sketch router with reuse, one-neuron experts and a fixed top-k, in one
+// call (few tokens): each token's c channels of largest |x|, the sketch over every routed neuron
+// (wt_in / wt_up [D, I] transposed), scores |h| x ||w_out row|| (out_norms [I]), its K best
+// neurons, their completion over the channels left (moefy_sketch_experts), plus the S shared
+// neurons. y[T, D] is overwritten; b_out is not added. wt_up / w_up / b_in / s_* may be null.
+void moefy_sketch_moe(int64_t T, int64_t D, int64_t I, int64_t c, int64_t K, const float* x, const float* wt_in,
+                      const float* wt_up, const float* b_in, const float* out_norms, const float* w_in,
+                      const float* w_up, const float* w_out, int64_t S, const float* s_in, const float* s_up,
+                      const float* s_b, const float* s_out, int act, float* y, int threads) {
+  std::vector<int64_t> kept((size_t)T * c), chosen((size_t)T * K);
+  std::vector<float> h((size_t)T * I), gp((size_t)T * I), upp(wt_up ? (size_t)T * I : 0);
+  {
+    std::vector<int64_t> order(D);
+    for (int64_t t = 0; t < T; ++t) {
+      const float* xt = x + t * D;
+      for (int64_t d = 0; d < D; ++d) order[d] = d;
+      std::nth_element(order.begin(), order.begin() + (c - 1), order.end(), [&](int64_t a, int64_t b) {
+        const float u = std::fabs(xt[a]), v = std::fabs(xt[b]);
+        return u > v || (u == v && a < b);
+      });
+      std::copy(order.begin(), order.begin() + c, kept.begin() + t * c);
+    }
+  }
+  moefy_sketch(T, D, I, c, x, kept.data(), wt_in, wt_up, b_in, act, h.data(), gp.data(),
+               wt_up ? upp.data() : nullptr, threads);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t i = 0; i < I; ++i) h[t * I + i] = std::fabs(h[t * I + i]) * out_norms[i];
+  moefy_topk(T, I, K, h.data(), chosen.data(), threads);
+  moefy_sketch_experts(T, D, 1, c, x, kept.data(), gp.data(), wt_up ? upp.data() : nullptr, I, nullptr, K,
+                       chosen.data(), w_in, w_up, b_in, w_out, act, y, threads);
+  if (!S) return;
+  // Shared neurons: activations in chunks of 16 rows across threads, then y += hs . s_out.
+  std::vector<float> hs((size_t)T * S);
+  const int64_t chunks = (S + 15) / 16;
+#pragma omp parallel for schedule(static) num_threads(threads) if (chunks > 1)
+  for (int64_t j = 0; j < chunks; ++j) {
+    const int64_t r0 = j * 16, rows = std::min<int64_t>(16, S - r0);
+    float tmp[16];
+    for (int64_t t = 0; t < T; ++t) {
+      hidden_rows(x + t * D, s_in + r0 * D, s_up ? s_up + r0 * D : nullptr, s_b ? s_b + r0 : nullptr, rows, D, act,
+                  tmp);
+      std::memcpy(hs.data() + t * S + r0, tmp, rows * sizeof(float));
+    }
+  }
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, D / 64));
+  const int64_t width = ((D + parts - 1) / parts + 7) / 8 * 8;
+#pragma omp parallel for schedule(static) num_threads(threads) if (parts > 1)
+  for (int64_t s = 0; s < parts; ++s) {
+    const int64_t lo = std::min(D, s * width), hi = std::min(D, lo + width);
+    if (lo < hi)
+      for (int64_t t = 0; t < T; ++t) axpy_rows(hs.data() + t * S, s_out, S, D, lo, hi, y + t * D);
+  }
+}
+
+}  // extern "C"

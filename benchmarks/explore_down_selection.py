@@ -24,7 +24,7 @@ from moefy import models
 from moefy.config import DataConfig, MoEConfig
 from moefy.convert import build, calibrate
 from moefy.evaluate import perplexity
-from moefy.moe_layer import MoEFFN, sketch_channels_for
+from moefy.moe_layer import MoEFFN
 
 
 def plan(layer: MoEFFN, active: float, down: float) -> int:

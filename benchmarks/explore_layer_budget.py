@@ -36,7 +36,7 @@ def set_layer(layer, share):
         return 1.0
     layer.all_experts = False
     if hasattr(layer.router, "auto"):
-        layer.set_router_channels(sketch_channels_for(share), auto=True)
+        layer.set_router_channels(sketch_channels_for(share, layer.router.reuse), auto=True)
     k = layer.top_k_for_share(share)
     if k < 1:
         return None

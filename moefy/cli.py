@@ -39,7 +39,7 @@ def convert(
                                             "similarity, representative."),
     router_loss: str = typer.Option("log-norm", help="mlp router target: log-norm, norm (D2DMoE) or bce (MoEfication)."),
     router_channels: Optional[float] = typer.Option(None, help="sketch router: share of each token's input channels "
-                                                               "(largest |x|) it reads, in (0, 1] (default: 0.6 x "
+                                                               "(largest |x|) it reads, in (0, 1] (default: 0.8 x "
                                                                "the active share, following --active later)."),
     router_reuse: bool = typer.Option(True, help="sketch router: the selected neurons start from the sketch's sums "
                                                  "and add only the channels it did not read (fewer FLOPs per neuron)."),

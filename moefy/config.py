@@ -38,7 +38,7 @@ class MoEConfig:
     router_loss: str = "log-norm"    # mlp router target: "log-norm" (MSE on log(1 + expert output norm)), "norm" (D2DMoE) or "bce" (MoEfication)
     router_steps: int = 400          # Adam steps per layer for trained routers
     router_lr: float = 3e-3          # Adam learning rate for trained routers
-    router_channels: float | None = None  # sketch router: share of each token's input channels (largest |x|) it reads, (0, 1]; None: 0.6 x active
+    router_channels: float | None = None  # sketch router: share of each token's input channels (largest |x|) it reads, (0, 1]; None: 0.8 x active (0.6 x without reuse)
     router_reuse: bool = True        # sketch router: the selected neurons complete its partial sums (their gate and up cost 1 - channels)
     marker_share: float = 0.25       # a neuron is "active" on a token when in that token's top share by |h|
     seed: int = 0                    # seeds grouping and router training

@@ -103,10 +103,12 @@ class MLPRouter(nn.Module):
         return 2 * (self.fc1.weight.numel() + self.fc2.weight.numel())
 
 
-def sketch_channels_for(active: float | None) -> float:
-    """The sketch router's default channel share for an active FFN share: 0.6 x the share (0.3 at
-    50%, 0.15 at 25%: the best measured on SmolLM2, BENCHMARKS.md); 0.3 without one (dynamic-k)."""
-    return 0.3 if active is None else min(1.0, max(0.05, round(0.6 * active, 4)))
+def sketch_channels_for(active: float | None, reuse: bool = False) -> float:
+    """The sketch router's default channel share for an active FFN share: 0.8 x the share with
+    reuse of its partial sums (0.4 at 50%, 0.2 at 25%), 0.6 x without (0.3, 0.15): the best
+    measured on SmolLM2 (BENCHMARKS.md). Without a share (dynamic-k): 0.4 / 0.3."""
+    scale = 0.8 if reuse else 0.6
+    return scale / 2 if active is None else min(1.0, max(0.05, round(scale * active, 4)))
 
 
 class SketchRouter(nn.Module):

@@ -23,7 +23,7 @@ def router_spec(kind: str, cfg) -> dict:
         return {"kind": "mlp", "options": {"router_hidden": cfg.router_hidden, "output": output}}
     if kind == "sketch":
         auto = cfg.router_channels is None
-        channels = sketch_channels_for(cfg.active) if auto else cfg.router_channels
+        channels = sketch_channels_for(cfg.active, cfg.router_reuse) if auto else cfg.router_channels
         return {"kind": "sketch", "options": {"channels": channels, "auto": auto, "reuse": cfg.router_reuse}}
     return {"kind": kind}
 

@@ -123,15 +123,15 @@ def test_sketch_channels_follow_the_active_share_by_default(tokenizer, tmp_path,
     m = moefy.convert(tiny_model("llama"), moe=fast_cfg(router="sketch", num_experts=64, active=0.5), data=DATA,
                       tokenizer=tokenizer)
     layer = m.layers[0]
-    assert layer.router.auto and layer.router.channels == 0.3
+    assert layer.router.auto and layer.router.reuse and layer.router.channels == 0.4  # 0.8 x 0.5 with reuse
     m.set_active(0.75)
-    assert layer.router.channels == 0.45 and layer.flops_per_token(layer.top_k) <= 0.75 * layer.dense_flops_per_token()
+    assert layer.router.channels == 0.6 and layer.flops_per_token(layer.top_k) <= 0.75 * layer.dense_flops_per_token()
     k = layer.top_k
     with pytest.raises(ConfigError):  # nothing fits: the share and the top-k stay as they were
         m.set_active(0.01)
-    assert layer.router.channels == 0.45 and layer.top_k == k
+    assert layer.router.channels == 0.6 and layer.top_k == k
     reloaded = moefy.load(moefy.save(m, tmp_path / "run"))
-    assert reloaded.layers[0].router.auto and reloaded.layers[0].router.channels == 0.45
+    assert reloaded.layers[0].router.auto and reloaded.layers[0].router.channels == 0.6
     torch.testing.assert_close(outputs(reloaded.model, ids), outputs(m.model, ids), atol=0, rtol=0)
     m.set_router_channels(0.2)  # an explicit share stays put
     m.set_active(0.5)
@@ -140,6 +140,9 @@ def test_sketch_channels_follow_the_active_share_by_default(tokenizer, tmp_path,
     m.set_router_reuse(False)  # every selected neuron then costs a full one: fewer fit
     m.set_active(0.5)
     assert not layer.router.reuse and layer.top_k < k
+    fresh = moefy.convert(tiny_model("llama"), moe=fast_cfg(router="sketch", num_experts=64, active=0.5,
+                                                            router_reuse=False), data=DATA, tokenizer=tokenizer)
+    assert fresh.layers[0].router.channels == 0.3  # 0.6 x 0.5 without reuse
     reloaded = moefy.load(moefy.save(m, tmp_path / "run2"))
     assert not reloaded.layers[0].router.reuse and reloaded.layers[0].top_k == layer.top_k
     torch.testing.assert_close(outputs(reloaded.model, ids), outputs(m.model, ids), atol=0, rtol=0)

@@ -252,9 +252,10 @@ def test_sketch_reuse_matches_reference(kind, bias, shared, tau, n, threads, pat
 
 
 @pytest.mark.parametrize("kind,bias", [("swiglu", False), ("mlp", True)])
-def test_sketch_reuse_kernel_reads_only_the_channels_left(kind, bias, path):
-    """The kernel takes the kept channels' part of each selected neuron from the sketch: with
-    those weight columns poisoned, the output is still exact. Wide rows cover the gathers' tail."""
+def test_sketch_reuse_kernel_adds_only_the_channels_left(kind, bias, path):
+    """The kernel starts each selected neuron from the sketch's sums and adds the other channels
+    only: given zero sums, it computes the experts on the input with the kept channels zeroed.
+    Wide rows cover the kernels' tails."""
     if path == "torch":
         pytest.skip("kernel-only")
     g = torch.Generator().manual_seed(3)
@@ -265,19 +266,19 @@ def test_sketch_reuse_kernel_reads_only_the_channels_left(kind, bias, path):
     moe = MoEFFN.from_dense(f, torch.arange(0), torch.arange(i).view(-1, 2),
                             {"kind": "sketch", "options": {"channels": 0.3, "reuse": True}}, top_k=5)
     kern = moe_layer._kernels()
-    for _ in range(4):
-        x = torch.randn(1, d, generator=g)
+    for tokens in (1, 3, 20):
+        x = torch.randn(tokens, d, generator=g)
         mask = selection(moe, x)
         _, (kept, gp, upp) = moe.sketch_norms(x, moe.router.kept, partials=True)
-        assert kept.shape == (1, 22)  # 0.3 x 75
-        poisoned = MoEFFN(moe.spec)
-        poisoned.load_state_dict(moe.state_dict())
-        for w in (poisoned.w_in, poisoned.w_up):
-            if w is not None:
-                w.data[:, :, kept[0]] = float("nan")
-        experts = mask.nonzero()[:, 1].view(1, -1).contiguous()
-        y = kern.sketch_experts(poisoned._kernel_args(kern), x, kept, gp, upp, experts)
+        assert kept.shape == (tokens, 22)  # 0.3 x 75
+        experts = mask.nonzero()[:, 1].view(tokens, -1).contiguous()
+        args = moe._kernel_args(kern)
+        y = kern.sketch_experts(args, x, kept, gp, upp, experts)
         torch.testing.assert_close(y, moe.forward_reference(x, mask), atol=1e-4, rtol=1e-5)
+        rest = x.scatter(1, kept, 0.0)
+        zero = kern.sketch_experts(args, x, kept, torch.zeros_like(gp), None if upp is None else torch.zeros_like(upp),
+                                   experts)
+        torch.testing.assert_close(zero, moe.forward_reference(rest, mask), atol=1e-4, rtol=1e-5)
 
 
 def test_sketch_reuse_counts_fewer_flops_per_neuron():

@@ -44,16 +44,16 @@ def test_smollm_convert_save_load(smollm, tmp_path):
 
 def test_smollm_sketch_router_keeps_quality_at_half_compute(smollm):
     """The training-free sketch router with one-neuron experts on the real model: at 50% of the FFN
-    FLOPs (its own cost counted) held-out perplexity stays within 2x dense (BENCHMARKS.md: 1.60x on
-    8,160 tokens; the trained MLP router with 384 experts of 4 gives 3.04x)."""
+    FLOPs (its own cost counted, partial sums reused) held-out perplexity stays within 1.6x dense
+    (BENCHMARKS.md: 1.36x on 8,160 tokens; the trained MLP router with 384 experts of 4 gives 3.04x)."""
     fresh = models.load("smollm2-135m")  # convert() swaps the FFNs in place: the module fixture's model is taken
-    m = moefy.convert(fresh.model, moe=MoEConfig(num_experts=1536, shared=0.1, active=0.5, router="sketch"),
+    m = moefy.convert(fresh.model, moe=MoEConfig(num_experts=1536, shared=0.0, active=0.5, router="sketch"),
                       data=DataConfig(source="wiki-sample", tokens=2048, seq_len=256), tokenizer=fresh.tokenizer)
     layer = m.layers[0]
-    assert layer.spec["expert_size"] == 1 and layer.router.kept == round(0.3 * 576)
+    assert layer.spec["expert_size"] == 1 and layer.router.reuse and layer.router.kept == round(0.4 * 576)
     assert layer.flops_per_token(layer.top_k) <= 0.5 * layer.dense_flops_per_token()
     heldout = moefy.data.blocks("wiki-sample:heldout", m.tokenizer, seq_len=256, max_tokens=2048)
     r = moefy.evaluate(m, heldout)
-    assert r["moe"]["ppl"] < 2.0 * r["dense"]["ppl"], r
+    assert r["moe"]["ppl"] < 1.6 * r["dense"]["ppl"], r
     with m.all_experts():  # the model itself is unchanged: every expert gives the dense model
         assert moefy.evaluate(m, heldout[:1])["ppl_ratio"] == pytest.approx(1.0, abs=1e-4)

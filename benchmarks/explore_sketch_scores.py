@@ -18,6 +18,7 @@ a score is below 1% of a neuron's and is not counted).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import time
@@ -57,8 +58,11 @@ def silu_mean(mu, s, lam=1.702):
 
 
 class Scorer:
-    def __init__(self, layer: MoEFFN, kind: str, alpha: float = 1.0, points: int = 5):
-        self.layer, self.kind, self.alpha = layer, kind, alpha
+    def __init__(self, layer: MoEFFN, kind: str, alpha: float = 1.0, points: int = 5, rank: int = 0):
+        self.layer, self.kind, self.alpha, self.rank = layer, kind, alpha, rank
+        if rank:
+            u, sv, vt = torch.linalg.svd(layer.w_out[:, 0].T, full_matrices=False)  # [D, N] = U S V^T
+            self.v, self.us = vt[:rank].T.contiguous(), (u[:, :rank] * sv[:rank]).T.contiguous()  # [N, r], [r, D]
         E, n, D = layer.w_in.shape
         self.wg, self.wu = layer.w_in[:, 0], layer.w_up[:, 0]  # [E, D]
         self.down = layer.w_out[:, 0].norm(dim=-1)  # [E]
@@ -90,7 +94,8 @@ class Scorer:
         raise ValueError(self.kind)
 
 
-def masked_forward(layer: MoEFFN, scorer: Scorer, x: torch.Tensor, k: int, stats: dict) -> torch.Tensor:
+def masked_forward(layer: MoEFFN, scorer: Scorer, x: torch.Tensor, k: int, stats: dict,
+                   compensate: float = 0.0) -> torch.Tensor:
     shape = x.shape
     x = x.reshape(-1, shape[-1])
     scores = scorer(x, layer.router.kept)
@@ -102,6 +107,15 @@ def masked_forward(layer: MoEFFN, scorer: Scorer, x: torch.Tensor, k: int, stats
     stats["mass"] += ((true * chosen).sum(-1) / (true * best).sum(-1)).mean().item()
     stats["n"] += 1
     y = (h * chosen) @ layer.w_out[:, 0]
+    if compensate:  # the unselected neurons' sketched activations, times beta (an upper bound: not counted)
+        idx = x.abs().topk(layer.router.kept, dim=-1).indices
+        xs = torch.zeros_like(x).scatter_(-1, idx, x.gather(-1, idx))
+        est = ACTIVATIONS[layer.act](xs @ scorer.wg.T) * (xs @ scorer.wu.T)
+        z = est * ~chosen
+        if scorer.rank:  # W_down ~ (U S)(V^T), rank r: the compensation costs 2 r (N + D) FLOPs per token
+            y = y + compensate * ((z @ scorer.v) @ scorer.us)
+        else:
+            y = y + compensate * z @ layer.w_out[:, 0]
     if layer.shared_in is not None:
         y = y + layer._shared(x)
     return y.reshape(shape)
@@ -112,6 +126,10 @@ def main():
     ap.add_argument("--active", type=float, nargs="+", default=[0.5, 0.25])
     ap.add_argument("--scores", nargs="+", default=["partial", "gauss-mean", "gauss"])
     ap.add_argument("--alpha", type=float, nargs="+", default=[1.0], help="scale of the residual variance")
+    ap.add_argument("--compensate", type=float, nargs="+", default=[0.0],
+                    help="add beta x the unselected neurons' sketched outputs (full rank, cost not counted)")
+    ap.add_argument("--rank", type=int, nargs="+", default=[0], help="rank of the compensation (0: full)")
+    ap.add_argument("--count", action="store_true", help="charge the low-rank compensation to the budget")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--data", default="wiki-sample:heldout")
     ap.add_argument("--out", required=True)
@@ -126,17 +144,23 @@ def main():
     for active in args.active:
         m.set_active(active)
         for kind in args.scores:
-            for alpha in (args.alpha if kind != "partial" else [1.0]):
+            for alpha, beta, rank in itertools.product(args.alpha if kind != "partial" else [1.0], args.compensate,
+                                                       args.rank if any(args.compensate) else [0]):
+                if rank and not beta:
+                    continue
                 stats = {"recall": 0.0, "mass": 0.0, "n": 0}
                 for layer in m.layers:
-                    scorer = Scorer(layer, kind, alpha)
-                    layer.forward = (lambda lay, sc, kk: lambda x: masked_forward(lay, sc, x, kk, stats))(
-                        layer, scorer, layer.top_k)
+                    scorer = Scorer(layer, kind, alpha, rank=rank)
+                    E, _, D = layer.w_in.shape
+                    per = layer.flops_per_token(1) - layer.flops_per_token(0)
+                    k = layer.top_k - (math.ceil(2 * rank * (E + D) / per) if args.count and beta else 0)
+                    layer.forward = (lambda lay, sc, kk: lambda x: masked_forward(lay, sc, x, kk, stats, beta))(
+                        layer, scorer, k)
                 start = time.time()
                 with torch.no_grad():
                     ppl = perplexity(m.model, heldout)[0]
-                rows.append({"active": active, "score": kind, "alpha": alpha, "channels": m.layers[0].router.channels,
-                             "top_k": m.layers[0].top_k, "ppl": ppl, "ppl_ratio": ppl / dense,
+                rows.append({"active": active, "score": kind, "alpha": alpha, "compensate": beta, "rank": rank,
+                             "counted": args.count, "channels": m.layers[0].router.channels, "top_k": k, "ppl": ppl, "ppl_ratio": ppl / dense,
                              "recall": stats["recall"] / stats["n"], "mass": stats["mass"] / stats["n"],
                              "seconds": time.time() - start})
                 print(rows[-1], flush=True)

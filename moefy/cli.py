@@ -43,6 +43,9 @@ def convert(
                                                                "the active share, following --active later)."),
     router_reuse: bool = typer.Option(True, help="sketch router: the selected neurons start from the sketch's sums "
                                                  "and add only the channels it did not read (fewer FLOPs per neuron)."),
+    router_approx: float = typer.Option(0.0, help="sketch router: share of the routed FLOP budget given to sketched "
+                                                  "experts, the ones ranked next, which add their sketched activations "
+                                                  "through their down rows alone, in [0, 1)."),
     router_input: str = typer.Option("own", help="What each mlp router reads: own (its layer's FFN input) or previous "
                                                  "(the previous layer's: Pre-gated MoE, experts known a layer ahead)."),
     budget: str = typer.Option("uniform", help="Per-layer top-k: uniform (same share everywhere) or sensitivity "
@@ -81,7 +84,8 @@ def convert(
             check_target(json_out, overwrite)
         moe_cfg = MoEConfig(num_experts=experts, active=None if tau is not None else active, tau=tau,
                             method=method, router=router, router_loss=router_loss, router_input=router_input,
-                            router_channels=router_channels, router_reuse=router_reuse, shared=shared, seed=seed,
+                            router_channels=router_channels, router_reuse=router_reuse, router_approx=router_approx,
+                            shared=shared, seed=seed,
                             budget=budget)
         data_cfg = DataConfig(source=calib, seq_len=seq_len, tokens=calib_tokens)
         lw_cfg = lw_mod.LayerwiseConfig(propagate=propagate, device=device, dtype=dtype, offload=offload)
@@ -124,6 +128,8 @@ def eval_cmd(
     tau: Optional[float] = typer.Option(None, help="Override with dynamic-k at this threshold."),
     router_channels: Optional[float] = typer.Option(None, help="Override a sketch router's share of input channels "
                                                                "(applied before --active)."),
+    router_approx: Optional[float] = typer.Option(None, help="Override a sketch router's approx share (sketched "
+                                                             "experts; applied before --active)."),
     oracle: bool = typer.Option(False, help="Also score the same experts with perfect routing."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON here."),
     overwrite: bool = typer.Option(False, help="Replace an existing --json file."),
@@ -135,9 +141,11 @@ def eval_cmd(
     def body():
         from . import data as data_mod
 
-        m = _open_run(run, json_out, overwrite, active=active, top_k=top_k, tau=tau, router_channels=router_channels)
+        m = _open_run(run, json_out, overwrite, active=active, top_k=top_k, tau=tau, router_channels=router_channels,
+                      router_approx=router_approx)
         info = _run_info(m.record, "eval", run, {"data": data, "tokens": tokens, "seq_len": seq_len, "active": active,
                                                 "top_k": top_k, "tau": tau, "router_channels": router_channels,
+                                                "router_approx": router_approx,
                                                 "oracle": oracle})
         if m.record.get("kind") == "sparse_expansion":  # a `moefy prune` folder: no dense copy inside
             return _report_pruned(m, data_mod.blocks(data, m.tokenizer, seq_len, max_tokens=tokens), data, json_out,
@@ -165,6 +173,8 @@ def tune(
     active: Optional[float] = typer.Option(None, help="Tune at this FFN compute share (default: the saved top-k)."),
     router_channels: Optional[float] = typer.Option(None, help="Override a sketch router's share of input channels "
                                                                "(applied before --active)."),
+    router_approx: Optional[float] = typer.Option(None, help="Override a sketch router's approx share (sketched "
+                                                             "experts; applied before --active)."),
     tau: Optional[float] = typer.Option(None, help="Tune with dynamic-k at this threshold."),
     checkpoint_minutes: float = typer.Option(5.0, help="Minutes between checkpoints (in OUT.tuning/)."),
     resume: bool = typer.Option(False, help="Continue from the checkpoint in OUT.tuning/."),
@@ -193,7 +203,8 @@ def tune(
                          seed=seed)
         cfg.validate()
         check_target(out, overwrite)
-        m = _open_run(run, json_out, overwrite, active=active, tau=tau, router_channels=router_channels)
+        m = _open_run(run, json_out, overwrite, active=active, tau=tau, router_channels=router_channels,
+                      router_approx=router_approx)
         heldout = data_mod.blocks(eval_data, m.tokenizer, seq_len, max_tokens=eval_tokens) if evaluate else None
         checkpoint = out.parent / f"{out.name}.tuning"
         record = tune_fn(m, cfg, checkpoint=checkpoint, resume=resume, progress=True)
@@ -225,6 +236,8 @@ def bench(
     active: Optional[float] = typer.Option(None, help="Override: fixed top-k per layer for this FFN share."),
     router_channels: Optional[float] = typer.Option(None, help="Override a sketch router's share of input channels "
                                                                "(applied before --active)."),
+    router_approx: Optional[float] = typer.Option(None, help="Override a sketch router's approx share (sketched "
+                                                             "experts; applied before --active)."),
     overwrite: bool = typer.Option(False, help="Replace an existing --output-json file."),
 ):
     """Dense vs MoE wall-clock: FFN stacks (batch 1, prefill), greedy decode tokens/s, prefill, memory."""
@@ -237,7 +250,8 @@ def bench(
         from . import data as data_mod
         from .io import write_json
 
-        m = _open_run(run, output_json, overwrite, active=active, router_channels=router_channels)
+        m = _open_run(run, output_json, overwrite, active=active, router_channels=router_channels,
+                      router_approx=router_approx)
         seq = max(input_len, prefill_tokens // 8)
         blocks = data_mod.blocks(data, m.tokenizer, seq, max_tokens=8 * seq, min_tokens=8 * seq)
         result = bench_mod.run(m, blocks, input_len=input_len, output_len=output_len, batch_size=batch_size,
@@ -626,7 +640,7 @@ def report(
     _run(body)
 
 
-def _open_run(run, json_out, overwrite, active=None, top_k=None, tau=None, router_channels=None):
+def _open_run(run, json_out, overwrite, active=None, top_k=None, tau=None, router_channels=None, router_approx=None):
     """Check the JSON target first (nothing is overwritten by surprise), load, apply overrides."""
     from . import load
     from .io import check_target
@@ -636,6 +650,8 @@ def _open_run(run, json_out, overwrite, active=None, top_k=None, tau=None, route
     m = load(run)
     if router_channels is not None:
         m.set_router_channels(router_channels)
+    if router_approx is not None:
+        m.set_router_approx(router_approx)
     if active is not None:
         m.set_active(active)
     if top_k is not None or tau is not None:

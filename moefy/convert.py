@@ -78,6 +78,23 @@ class MoEModel:
         for layer in self.layers:
             layer.set_router_reuse(reuse)
 
+    def set_router_approx(self, approx: float):
+        """Every sketch router's approx share (sketched experts, see MoEFFN.approx_k). The top-k a
+        share allows changes with it: the model's recorded active share is applied again, when it
+        has one and a fixed top-k (call set_active after it for another share)."""
+        if not 0 <= approx < 1:
+            raise ConfigError(f"router approx share must be in [0, 1), got {approx}")
+        kinds = {layer.spec["router"]["kind"] for layer in self.layers}
+        if kinds != {"sketch"}:
+            raise ConfigError(f"--router-approx applies to sketch routers; this model's are {', '.join(sorted(kinds))}")
+        if approx and any(layer.tau is not None for layer in self.layers):
+            raise ConfigError("--router-approx needs a fixed top-k; this model uses dynamic-k (tau)")
+        for layer in self.layers:
+            layer.set_router_approx(approx)
+        share = self.record.get("moe", {}).get("active")
+        if share is not None and all(layer.top_k is not None for layer in self.layers):
+            self.set_active(share)
+
     def set_active(self, share: float, budget: str | None = None):
         """Fixed top-k per layer within `share` of the dense FFN FLOPs (routers counted).
         budget="uniform": each layer the largest k that fits the share; "sensitivity": the model's

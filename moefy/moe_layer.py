@@ -121,16 +121,21 @@ class SketchRouter(nn.Module):
 
     `reuse`: the selected neurons start from the sketch's sums and add only the channels it did
     not read, so their gate and up products cost (1 - channels) of a full one (the compiled path
-    does exactly that; the torch paths compute the same values from all channels)."""
+    does exactly that; the torch paths compute the same values from all channels).
+
+    `approx`: this share of the routed experts' FLOP budget goes to sketched experts: the experts
+    ranked next after the exact ones contribute their sketched activations through their down
+    rows (a down projection alone per neuron, no gate or up). See MoEFFN.approx_k."""
 
     def __init__(self, hidden: int, num_experts: int, gated: bool = True, expert_size: int = 1,
-                 channels: float = 0.3, auto: bool = False, reuse: bool = False, **_):
+                 channels: float = 0.3, auto: bool = False, reuse: bool = False, approx: float = 0.0, **_):
         super().__init__()
         self.hidden = hidden
         self.shape = (num_experts, expert_size, 2 if gated else 1)
         self.auto = auto  # the share follows the active FFN share (sketch_channels_for), see MoEModel.set_active
         self.reuse = reuse
         self.set_channels(channels)
+        self.set_approx(approx)
         self.__dict__["layer"] = None  # the MoEFFN whose weights it reads (set by it; not a submodule)
 
     def set_channels(self, channels: float):
@@ -138,6 +143,11 @@ class SketchRouter(nn.Module):
             raise ValueError(f"sketch router channels must be in (0, 1], got {channels}")
         self.channels = channels
         self.kept = max(1, min(self.hidden, round(channels * self.hidden)))  # input channels per token
+
+    def set_approx(self, approx: float):
+        if not 0 <= approx < 1:
+            raise ValueError(f"sketch router approx share must be in [0, 1), got {approx}")
+        self.approx = float(approx)
 
     def forward(self, x):
         return self.layer.sketch_norms(x, self.kept)  # [T, E]
@@ -306,11 +316,25 @@ class MoEFFN(nn.Module):
         r = self.spec["router"]
         self.spec["router"] = {**r, "options": {**r.get("options", {}), "reuse": bool(reuse)}}
 
+    def set_router_approx(self, approx: float):
+        """A sketch router's approx share: that share of the routed budget goes to sketched experts
+        (see approx_k); top_k_for_share changes with it. Kept in the spec that is saved."""
+        if not isinstance(self.router, SketchRouter):
+            raise ValueError(f"only a sketch router has sketched activations to use, not {self.spec['router']['kind']!r}")
+        if approx and self.router_input != "own":
+            raise ValueError("sketched experts need the router to read this layer's own input, not the previous layer's")
+        self.router.set_approx(approx)
+        r = self.spec["router"]
+        self.spec["router"] = {**r, "options": {**r.get("options", {}), "approx": float(approx)}}
+
     def set_router_input(self, source: str):
         """"own" (the router reads this layer's input) or "previous" (Pre-gated MoE: the previous
         layer's input; call link_pregated on the model's layers after); kept in the saved spec."""
         if source not in ("own", "previous"):
             raise ValueError(f"router input must be own or previous, got {source!r}")
+        if source != "own" and self.approx_share:
+            raise ValueError("a sketch router with sketched experts (approx) reads this layer's own input; "
+                             "set its approx share to 0 first")
         self.router_input = self.spec["router_input"] = source
         self._fused_router = self._mlp_router and source == "own"
 
@@ -329,18 +353,47 @@ class MoEFFN(nn.Module):
         return 2 * self.matrices * D * (E * n + self.spec["shared"])
 
     def flops_per_token(self, mean_k: float) -> float:
-        """FFN FLOPs for a token that uses `mean_k` experts, router included (multiply-adds x 2)."""
+        """FFN FLOPs for a token that uses `mean_k` experts, router included (multiply-adds x 2),
+        plus the sketched experts of a sketch router with an approx share (approx_k)."""
+        return self._fixed_flops() + mean_k * self._expert_flops() + self.approx_k * self._approx_flops()
+
+    def _fixed_flops(self) -> float:
+        """The router and the shared neurons."""
+        return self.router.flops_per_token() + 2 * self.matrices * self.w_in.shape[2] * self.spec["shared"]
+
+    def _expert_flops(self) -> float:
+        """One exact routed expert (less the sums it reuses from a sketch router)."""
         E, n, D = self.w_in.shape
-        neurons = self.spec["shared"] + mean_k * n
-        saved = mean_k * n * self.router.reused_flops_per_neuron() if self._sketch_reuse else 0
-        return self.router.flops_per_token() + 2 * self.matrices * D * neurons - saved
+        saved = n * self.router.reused_flops_per_neuron() if self._sketch_reuse else 0
+        return 2 * self.matrices * D * n - saved
+
+    def _approx_flops(self) -> float:
+        """One sketched expert: its down rows times the sketched activations."""
+        E, n, D = self.w_in.shape
+        return 2 * D * n
+
+    @property
+    def approx_share(self) -> float:
+        return self.router.approx if isinstance(self.router, SketchRouter) else 0.0
+
+    @property
+    def approx_k(self) -> int:
+        """Sketched experts per token (sketch router with an approx share a, fixed top-k): the
+        experts ranked top_k+1 ... top_k+approx_k by the sketch add their sketched activations
+        through their down rows. approx_k spends a / (1 - a) of what the top_k exact experts
+        cost, so a share's budget splits (1 - a) exact, a sketched (top_k_for_share)."""
+        a = self.approx_share
+        if not a or self.top_k is None or self.tau is not None:
+            return 0
+        k_b = math.floor(a / (1 - a) * self.top_k * self._expert_flops() / self._approx_flops() + 1e-9)
+        return max(0, min(k_b, self.spec["num_experts"] - self.top_k))
 
     def top_k_for_share(self, active: float) -> int:
         """The largest k whose FFN FLOPs (router and shared neurons included) stay within `active`
-        times the dense FFN's (at most every expert; below 1 when even one does not fit)."""
-        fixed = self.flops_per_token(0)  # router + shared neurons
-        per_expert = self.flops_per_token(1) - fixed
-        k = math.floor((active * self.dense_flops_per_token() - fixed) / per_expert + 1e-9)
+        times the dense FFN's (at most every expert; below 1 when even one does not fit). With a
+        sketch router's approx share a, k takes (1 - a) of the experts' budget (see approx_k)."""
+        budget = (active * self.dense_flops_per_token() - self._fixed_flops()) / self._expert_flops()
+        k = math.floor((1 - self.approx_share) * budget + 1e-9)
         return min(k, self.spec["num_experts"])
 
     def mean_k(self) -> float:
@@ -400,7 +453,11 @@ class MoEFFN(nn.Module):
                 torch.is_grad_enabled() and x.requires_grad):
             args = self._kernel_args(kern)
             if args is not None:
+                if self._approx_on():
+                    return self._sparse_approx(x.contiguous(), kern, args)
                 return self._sparse_kernel(kern, args, x.contiguous())
+        if self._approx_on():
+            return self._sparse_approx(x)
         scores = self._scores(x)  # [T, E]
         if T == 1 and self.tau is None:
             # Decode: indices straight from top-k (no mask, no host sync), one gathered product.
@@ -467,11 +524,20 @@ class MoEFFN(nn.Module):
         matrix carries the gradients of all selected experts. It saves no FLOPs; inference never
         takes it (only when the expert weights require grad under autograd)."""
         E, n, D = self.w_in.shape
+        approx = self._approx_on()
         with torch.no_grad():
-            mask = self.route(x)  # [T, E]
+            if approx:
+                exact, second = self._tiers(self._scores(x))
+                mask = torch.zeros(x.shape[0], E, dtype=torch.bool, device=x.device).scatter_(1, exact, True)
+                sketched = torch.zeros_like(mask).scatter_(1, second, True)
+            else:
+                mask = self.route(x)  # [T, E]
         self.tokens_seen += x.shape[0]
         self.experts_selected += int(mask.sum())
         h = self.hidden_all(x).view(-1, E, n) * mask.unsqueeze(-1).to(x.dtype)
+        if approx:  # the sketched experts' activations, with their gradients
+            idx = x.detach().abs().topk(self.router.kept, dim=-1).indices
+            h = h + self._sketch_hidden(x, idx)[0].view(-1, E, n) * sketched.unsqueeze(-1).to(x.dtype)
         y = h.flatten(1) @ self.w_out.flatten(0, 1)
         return y if self.shared_in is None else y + self._shared(x)
 
@@ -531,11 +597,12 @@ class MoEFFN(nn.Module):
             h = h * torch.einsum("td,end->etn", x, self.w_up)
         return torch.bmm(h, self.w_out)  # [E, T, D]
 
-    def sketch_norms(self, x: torch.Tensor, kept: int, partials: bool = False):
+    def sketch_norms(self, x: torch.Tensor, kept: int, partials: bool = False, hidden: bool = False):
         """SketchRouter's scores [T, E]: each expert's output norm with its neurons' activations
         computed from the token's `kept` input channels of largest |x| (the others read as 0).
         `partials` (compiled path, fp32 CPU x): (scores, (kept channel ids [T, c], gate sums, up
-        sums [T, E*n] or None)), the sums before bias and activation, for `kernels.sketch_experts`."""
+        sums [T, E*n] or None)), the sums before bias and activation, for `kernels.sketch_experts`.
+        `hidden`: the sketched activations [T, E, n] come second, (scores, h[, partials])."""
         E, n, D = self.w_in.shape
         idx = x.abs().topk(kept, dim=-1).indices  # [T, c]
         kern = _kernels()
@@ -556,12 +623,7 @@ class MoEFFN(nn.Module):
                 h = ACTIVATIONS[self.act](xs @ t_in.index_select(0, i) + (0 if b_in is None else b_in))
                 h = (h if t_up is None else h * (xs @ t_up.index_select(0, i)))[None]
         else:
-            masked = torch.zeros_like(x).scatter_(-1, idx, x.gather(-1, idx))
-            flat = lambda w: None if w is None else w.reshape(E * n, *w.shape[2:])  # noqa: E731
-            g, u = (None if w is None else F.linear(masked, flat(w)) for w in (self.w_in, self.w_up))
-            h = ACTIVATIONS[self.act](g if self.b_in is None else g + flat(self.b_in))  # [T, E*n]
-            h = h if u is None else h * u
-            sums = [g, u]
+            h, *sums = self._sketch_hidden(x, idx)
         h = h.view(-1, E, n)
         if n == 1:
             scores = h[..., 0].abs() * self._sketch_weights()[2]
@@ -569,10 +631,71 @@ class MoEFFN(nn.Module):
             gram = self._cached("gram", lambda: self.w_out @ self.w_out.transpose(1, 2))  # [E, n, n]
             scores = torch.einsum("ten,enm,tem->te", h, gram, h).clamp_min(0).sqrt()
         if not partials:
-            return scores
+            return (scores, h) if hidden else scores
         if sums is None:
             raise RuntimeError("sketch partial sums need the compiled kernels or more than one token")
-        return scores, (idx, *sums)
+        return (scores, h, (idx, *sums)) if hidden else (scores, (idx, *sums))
+
+    def _sketch_hidden(self, x: torch.Tensor, idx: torch.Tensor):
+        """(sketched activations [T, E*n], gate sums, up sums or None) from the kept channels
+        idx [T, c]: one GEMM on the masked inputs (differentiable in the weights and x)."""
+        E, n, D = self.w_in.shape
+        masked = torch.zeros_like(x).scatter(-1, idx, x.gather(-1, idx))
+        flat = lambda w: None if w is None else w.reshape(E * n, *w.shape[2:])  # noqa: E731
+        g, u = (None if w is None else F.linear(masked, flat(w)) for w in (self.w_in, self.w_up))
+        h = ACTIVATIONS[self.act](g if self.b_in is None else g + flat(self.b_in))  # [T, E*n]
+        return (h if u is None else h * u), g, u
+
+    def _approx_on(self) -> bool:
+        """Whether this forward adds sketched experts (see approx_k)."""
+        return self.approx_k > 0 and not self.oracle and self.router_input == "own"
+
+    def _tiers(self, scores: torch.Tensor, kern=None):
+        """(exact [T, k], sketched [T, approx_k]) expert ids: the top_k best scores, then the next."""
+        k, kb = self.top_k, self.approx_k
+        if kern is None:
+            top = scores.topk(k + kb, dim=-1).indices  # sorted
+            return top[:, :k], top[:, k:]
+        top = kern.topk(scores, k + kb)  # unordered
+        first = scores.gather(1, top).topk(k, dim=-1).indices
+        pick = torch.zeros_like(top, dtype=torch.bool).scatter_(1, first, True)
+        return top.gather(1, first), top[~pick].view(-1, kb)
+
+    def _sketched(self, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The sketched experts' output [T, D]: activations h [T, E, n] of experts idx [T, kb]
+        through their down rows (one gathered product for one token; a masked GEMM for many)."""
+        if h.shape[0] == 1:
+            return h[0].index_select(0, idx[0]).reshape(1, -1) @ self.w_out.index_select(0, idx[0]).flatten(0, 1)
+        at = idx.unsqueeze(-1).expand(-1, -1, h.shape[2])
+        z = torch.zeros_like(h).scatter(1, at, h.gather(1, at))
+        return z.flatten(1) @ self.w_out.flatten(0, 1)
+
+    def _sparse_approx(self, x: torch.Tensor, kern=None, args=None) -> torch.Tensor:
+        """Inference with sketched experts: the top_k exact experts (on the kernels when given, with
+        reuse of the sketch's sums when the router has it) plus the next approx_k sketched ones."""
+        T = x.shape[0]
+        kept = self.router.kept
+        self.tokens_seen += T
+        self.experts_selected += T * self.top_k
+        shared_done = False
+        if kern is not None and self._sketch_reuse:
+            scores, h, (idx, gp, upp) = self.sketch_norms(x, kept, partials=True, hidden=True)
+            exact, approx = self._tiers(scores, kern)
+            y = kern.sketch_experts(args, x, idx, gp, upp, exact)
+        elif kern is not None:
+            scores, h = self.sketch_norms(x, kept, hidden=True)
+            exact, approx = self._tiers(scores, kern)
+            shared_done = T <= KERNEL_FUSED_MAX_TOKENS
+            y = kern.experts(args, x, exact, shared=shared_done)
+        else:
+            scores, h = self.sketch_norms(x, kept, hidden=True)
+            exact, approx = self._tiers(scores)
+            if T == 1:
+                y = self._experts_gather(x, exact[0])
+            else:
+                y = self._experts_grouped(x, torch.zeros_like(scores, dtype=torch.bool).scatter_(1, exact, True))
+        y = y + self._sketched(h, approx)
+        return y if shared_done or self.shared_in is None else y + self._shared(x)
 
     def _sketch_weights(self):
         """The sketch's view of the routed weights, derived and cached: gate and up transposed to
@@ -626,6 +749,7 @@ class MoEFFN(nn.Module):
     def extra_repr(self) -> str:
         E, n, D = self.w_in.shape
         sel = f"tau={self.tau}" if self.tau is not None else f"top_k={self.top_k}"
+        sel += f", approx_k={self.approx_k}" if self.approx_k else ""
         return (f"experts={E}x{n}, shared={self.spec['shared']}, hidden={D}, act={self.act}, "
                 f"router={self.spec['router']['kind']}, {sel}")
 

@@ -24,7 +24,8 @@ def router_spec(kind: str, cfg) -> dict:
     if kind == "sketch":
         auto = cfg.router_channels is None
         channels = sketch_channels_for(cfg.active, cfg.router_reuse) if auto else cfg.router_channels
-        return {"kind": "sketch", "options": {"channels": channels, "auto": auto, "reuse": cfg.router_reuse}}
+        return {"kind": "sketch", "options": {"channels": channels, "auto": auto, "reuse": cfg.router_reuse,
+                                              "approx": cfg.router_approx}}
     return {"kind": kind}
 
 

@@ -98,6 +98,18 @@ def test_sketch_channels_change_after_loading(tiny_folder, tmp_path):
     assert r.exit_code == 0, r.output
     options = [json.loads((d / "config.json").read_text())["moefy"]["layers"][0]["router"]["options"] for d in (out, plain)]
     assert options[0]["reuse"] is True and options[1]["reuse"] is False
+    r = runner.invoke(app, ["eval", str(out), "--data", "pydoc:heldout", "--tokens", "512", "--seq-len", "32",
+                            "--router-approx", "0.3", "--active", "0.75", "--json", str(js), "--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(js.read_text())["moe"]["active_ffn_share"] <= 0.75  # the sketched experts are counted
+    approx = tmp_path / "approx"
+    r = runner.invoke(app, ["convert", "--model", str(tiny_folder), "--out", str(approx), "--router", "sketch",
+                            "--router-approx", "0.25", *wide])
+    assert r.exit_code == 0, r.output
+    assert json.loads((approx / "config.json").read_text())["moefy"]["layers"][0]["router"]["options"]["approx"] == 0.25
+    r = runner.invoke(app, ["convert", "--model", str(tiny_folder), "--out", str(tmp_path / "bad"), "--router-approx",
+                            "0.3", *FAST, "--no-eval"])
+    assert r.exit_code == 2 and "--router-approx" in r.output and len(r.output.strip().splitlines()) == 1, r.output
     mlp = tmp_path / "mlp"
     r = runner.invoke(app, ["convert", "--model", str(tiny_folder), "--out", str(mlp), *FAST, "--router", "similarity", "--no-eval"])
     assert r.exit_code == 0, r.output

@@ -258,3 +258,25 @@ def test_same_seed_same_model_whatever_ran_before(tokenizer, ids):
         for pa, pb in zip(la.router.parameters(), lb.router.parameters()):
             assert torch.equal(pa, pb)
     torch.testing.assert_close(outputs(a.model, ids), outputs(b.model, ids), atol=0, rtol=0)
+
+
+def test_sketched_experts_convert_save_and_reload_exactly(tokenizer, tmp_path, ids):
+    """--router-approx: the budget splits between exact and sketched experts; the saved folder
+    reloads with them, in moefy and in plain transformers."""
+    m = moefy.convert(tiny_model("llama"), moe=fast_cfg(router="sketch", num_experts=64, shared=0.0, active=0.5,
+                                                        router_approx=0.3), data=DATA, tokenizer=tokenizer)
+    layer = m.layers[0]
+    assert layer.router.approx == 0.3 and layer.approx_k > 0
+    assert layer.flops_per_token(layer.top_k) <= 0.5 * layer.dense_flops_per_token()
+    expected = outputs(m.model, ids)
+    path = moefy.save(m, tmp_path / "run")
+    reloaded = moefy.load(path)
+    assert reloaded.layers[0].approx_k == layer.approx_k and reloaded.layers[0].top_k == layer.top_k
+    torch.testing.assert_close(outputs(reloaded.model, ids), expected, atol=0, rtol=0)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+    torch.testing.assert_close(outputs(hf, ids), expected, atol=1e-4, rtol=1e-4)  # the torch paths, not the kernels
+    k, k_b = layer.top_k, layer.approx_k
+    reloaded.set_router_approx(0.0)  # the recorded share is applied again: all of it to exact experts
+    assert reloaded.layers[0].approx_k == 0 and reloaded.layers[0].top_k > k
+    with pytest.raises(ConfigError, match="sketch"):
+        moefy.convert(tiny_model("llama"), moe=fast_cfg(router_approx=0.3), data=DATA, tokenizer=tokenizer)

@@ -296,3 +296,71 @@ def test_sketch_reuse_counts_fewer_flops_per_neuron():
     _, mlp = make_moe()
     with pytest.raises(ValueError, match="sketch"):
         mlp.set_router_reuse(True)
+
+
+def sketched_reference(moe, x):
+    """The approx path's output by plain means: the exact top_k experts (forward_reference), plus
+    the next approx_k experts' outputs computed on the input with all but the kept channels zeroed."""
+    scores = moe.router(x)
+    top = scores.topk(moe.top_k + moe.approx_k, dim=-1).indices
+    exact = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, top[:, :moe.top_k], True)
+    kept = x.abs().topk(moe.router.kept, dim=-1).indices
+    masked = torch.zeros_like(x).scatter_(-1, kept, x.gather(-1, kept))
+    outs = moe.expert_outputs(masked)  # [E, T, D]
+    extra = torch.stack([outs[top[t, moe.top_k:], t].sum(0) for t in range(len(x))])
+    return moe.forward_reference(x, exact) + extra, exact
+
+
+@pytest.mark.parametrize("kind,bias,shared", CASES)
+@pytest.mark.parametrize("n", [1, 6])
+@pytest.mark.parametrize("reuse", [False, True])
+def test_sketch_approx_matches_reference(kind, bias, shared, n, reuse, path):
+    """Sketched experts: the experts ranked after the top_k add their sketched activations through
+    their down rows, on every path (torch, kernels; one token, few, many)."""
+    _, moe = make_moe(kind, bias, shared, E=(I - shared) // n, top_k=2, router="sketch", channels=0.25,
+                      reuse=reuse, approx=0.3)
+    assert moe.approx_k > 0 and moe.top_k + moe.approx_k <= moe.spec["num_experts"]
+    x = torch.randn(20, D)
+    for rows in (x, x[:1], x[3:6]):
+        expected, _ = sketched_reference(moe, rows)
+        torch.testing.assert_close(moe(rows), expected, atol=1e-4, rtol=1e-5)
+    assert moe.mean_k() == moe.top_k  # the counters count the exact experts; their FLOPs add the sketched ones
+
+
+def test_sketch_approx_trains_through_the_sketched_experts():
+    """The training path gives the same output, and its gradients reach the sketched experts' rows."""
+    _, moe = make_moe(router="sketch", E=48, top_k=4, channels=0.25, reuse=True, approx=0.3)
+    x = torch.randn(6, D)
+    with torch.no_grad():
+        expected, exact = sketched_reference(moe, x)
+    y = moe(x)  # the weights require grad: the masked training path
+    torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-5)
+    y.square().sum().backward()
+    touched = moe.w_out.grad.flatten(1).abs().sum(1) > 0
+    assert (touched & ~exact.any(0)).any()  # some rows had only sketched use, and learned
+    assert moe.w_in.grad.abs().sum() > 0
+
+
+def test_sketch_approx_splits_the_budget():
+    _, plain = make_moe(router="sketch", channels=0.25, E=48, reuse=True)
+    _, approx = make_moe(router="sketch", channels=0.25, E=48, reuse=True, approx=0.3)
+    dense = plain.dense_flops_per_token()
+    k0, k = plain.top_k_for_share(0.5), approx.top_k_for_share(0.5)
+    approx.set_selection(k, None)
+    assert k < k0 and approx.approx_k > k0 - k  # a sketched expert costs its down rows only: more of them fit
+    assert approx.flops_per_token(k) <= 0.5 * dense
+    # 2 D n FLOPs each, on top of the exact experts' cost
+    assert approx.flops_per_token(k) == approx.router.flops_per_token() + k * 2 * (18 + 18 + 24) + approx.approx_k * 2 * 24
+    fresh = MoEFFN(approx.spec)  # kept in the spec that is saved
+    assert fresh.approx_k == approx.approx_k and fresh.router.approx == 0.3
+    approx.set_selection(k, 0.5)  # dynamic-k: no sketched experts
+    assert approx.approx_k == 0
+    plain.set_router_approx(0.3)
+    assert plain.top_k_for_share(0.5) == k and plain.spec["router"]["options"]["approx"] == 0.3
+    with pytest.raises(ValueError, match="own input"):
+        plain.set_router_input("previous")
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        plain.set_router_approx(1.0)
+    _, mlp = make_moe()
+    with pytest.raises(ValueError, match="sketch"):
+        mlp.set_router_approx(0.2)

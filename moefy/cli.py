@@ -43,9 +43,10 @@ def convert(
                                                                "the active share, following --active later)."),
     router_reuse: bool = typer.Option(True, help="sketch router: the selected neurons start from the sketch's sums "
                                                  "and add only the channels it did not read (fewer FLOPs per neuron)."),
-    router_approx: float = typer.Option(0.0, help="sketch router: share of the routed FLOP budget given to sketched "
-                                                  "experts, the ones ranked next, which add their sketched activations "
-                                                  "through their down rows alone, in [0, 1)."),
+    router_approx: Optional[float] = typer.Option(None, help="sketch router: share of the routed FLOP budget given to "
+                                                             "sketched experts, the ones ranked next, which add their "
+                                                             "sketched activations through their down rows alone, in "
+                                                             "[0, 1) (default: 0.3 with a fixed top-k, 0 with --tau)."),
     router_input: str = typer.Option("own", help="What each mlp router reads: own (its layer's FFN input) or previous "
                                                  "(the previous layer's: Pre-gated MoE, experts known a layer ahead)."),
     budget: str = typer.Option("uniform", help="Per-layer top-k: uniform (same share everywhere) or sensitivity "

@@ -40,7 +40,7 @@ class MoEConfig:
     router_lr: float = 3e-3          # Adam learning rate for trained routers
     router_channels: float | None = None  # sketch router: share of each token's input channels (largest |x|) it reads, (0, 1]; None: 0.8 x active (0.6 x without reuse)
     router_reuse: bool = True        # sketch router: the selected neurons complete its partial sums (their gate and up cost 1 - channels)
-    router_approx: float = 0.0       # sketch router: share of the routed budget for sketched experts (down rows x sketched activations), [0, 1)
+    router_approx: float | None = None  # sketch router: share of the routed budget for sketched experts (down rows x sketched activations), [0, 1); None: 0.3 with a fixed top-k, else 0
     marker_share: float = 0.25       # a neuron is "active" on a token when in that token's top share by |h|
     seed: int = 0                    # seeds grouping and router training
 
@@ -63,7 +63,7 @@ class MoEConfig:
             raise ConfigError(f"unknown router loss {self.router_loss!r}; choose log-norm, norm or bce")
         if self.router_channels is not None and not 0 < self.router_channels <= 1:
             raise ConfigError(f"router channels must be in (0, 1], got {self.router_channels}")
-        if not 0 <= self.router_approx < 1:
+        if self.router_approx is not None and not 0 <= self.router_approx < 1:
             raise ConfigError(f"router approx share must be in [0, 1), got {self.router_approx}")
         if self.router_approx and (self.router != "sketch" or self.tau is not None):
             raise ConfigError("--router-approx needs the sketch router and a fixed top-k (--router sketch, no --tau)")

@@ -111,6 +111,11 @@ def sketch_channels_for(active: float | None, reuse: bool = False) -> float:
     return scale / 2 if active is None else min(1.0, max(0.05, round(scale * active, 4)))
 
 
+SKETCH_APPROX_DEFAULT = 0.3
+"""A new sketch conversion's approx share (sketched experts) with a fixed top-k: the best of those
+measured on SmolLM2 at 50% active FFN, and a gain at 25% too (BENCHMARKS.md)."""
+
+
 class SketchRouter(nn.Module):
     """Training-free and without weights of its own: it reads its layer's expert weights. Each
     token keeps its `channels` share of input channels with the largest |x| (TEAL's input
@@ -453,7 +458,7 @@ class MoEFFN(nn.Module):
                 torch.is_grad_enabled() and x.requires_grad):
             args = self._kernel_args(kern)
             if args is not None:
-                if self._approx_on():
+                if self._approx_on() and not self._sketch_reuse:
                     return self._sparse_approx(x.contiguous(), kern, args)
                 return self._sparse_kernel(kern, args, x.contiguous())
         if self._approx_on():
@@ -502,11 +507,19 @@ class MoEFFN(nn.Module):
 
     def _sketch_kernel(self, kern, args, x):
         """The compiled path of a sketch router with reuse: the selected neurons complete the
-        sketch's partial sums over the channels it did not read."""
+        sketch's partial sums over the channels it did not read; sketched experts (approx_k) join
+        their down projection."""
+        kb = self.approx_k if self._approx_on() else 0
         if self.tau is None and x.shape[0] <= KERNEL_FUSED_MAX_TOKENS and self.spec["expert_size"] == 1:
             self.experts_selected += x.shape[0] * self.top_k
             t_in, t_up, norms = self._sketch_weights()
-            return kern.sketch_moe(args, x, self.top_k, self.router.kept, t_in, t_up, norms)
+            return kern.sketch_moe(args, x, self.top_k, self.router.kept, t_in, t_up, norms, sketched=kb)
+        if kb:
+            scores, h, (kept, gp, upp) = self.sketch_norms(x, self.router.kept, partials=True, hidden=True)
+            exact, sketched = self._tiers(scores, kern)
+            self.experts_selected += x.shape[0] * self.top_k
+            y = kern.sketch_experts(args, x, kept, gp, upp, exact.contiguous(), sketched=sketched, hidden=h)
+            return y if self.shared_in is None else y + self._shared(x)
         scores, (kept, gp, upp) = self.sketch_norms(x, self.router.kept, partials=True)
         if self.tau is None:
             self.experts_selected += x.shape[0] * self.top_k
@@ -671,18 +684,15 @@ class MoEFFN(nn.Module):
         return z.flatten(1) @ self.w_out.flatten(0, 1)
 
     def _sparse_approx(self, x: torch.Tensor, kern=None, args=None) -> torch.Tensor:
-        """Inference with sketched experts: the top_k exact experts (on the kernels when given, with
-        reuse of the sketch's sums when the router has it) plus the next approx_k sketched ones."""
+        """Inference with sketched experts, without reuse of the sketch's sums (with reuse the
+        kernels take them, _sketch_kernel): the top_k exact experts (on the kernels when given)
+        plus the next approx_k sketched ones."""
         T = x.shape[0]
         kept = self.router.kept
         self.tokens_seen += T
         self.experts_selected += T * self.top_k
         shared_done = False
-        if kern is not None and self._sketch_reuse:
-            scores, h, (idx, gp, upp) = self.sketch_norms(x, kept, partials=True, hidden=True)
-            exact, approx = self._tiers(scores, kern)
-            y = kern.sketch_experts(args, x, idx, gp, upp, exact)
-        elif kern is not None:
+        if kern is not None:
             scores, h = self.sketch_norms(x, kept, hidden=True)
             exact, approx = self._tiers(scores, kern)
             shared_done = T <= KERNEL_FUSED_MAX_TOKENS

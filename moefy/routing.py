@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .moe_layer import MoEFFN, select_experts, sketch_channels_for
+from .moe_layer import SKETCH_APPROX_DEFAULT, MoEFFN, select_experts, sketch_channels_for
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +24,11 @@ def router_spec(kind: str, cfg) -> dict:
     if kind == "sketch":
         auto = cfg.router_channels is None
         channels = sketch_channels_for(cfg.active, cfg.router_reuse) if auto else cfg.router_channels
+        approx = cfg.router_approx
+        if approx is None:
+            approx = SKETCH_APPROX_DEFAULT if cfg.tau is None else 0.0
         return {"kind": "sketch", "options": {"channels": channels, "auto": auto, "reuse": cfg.router_reuse,
-                                              "approx": cfg.router_approx}}
+                                              "approx": approx}}
     return {"kind": kind}
 
 

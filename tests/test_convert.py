@@ -280,3 +280,17 @@ def test_sketched_experts_convert_save_and_reload_exactly(tokenizer, tmp_path, i
     assert reloaded.layers[0].approx_k == 0 and reloaded.layers[0].top_k > k
     with pytest.raises(ConfigError, match="sketch"):
         moefy.convert(tiny_model("llama"), moe=fast_cfg(router_approx=0.3), data=DATA, tokenizer=tokenizer)
+
+
+def test_sketch_conversions_get_sketched_experts_by_default():
+    """Unset, a sketch router's approx share is SKETCH_APPROX_DEFAULT with a fixed top-k and 0
+    with dynamic-k; other routers have none."""
+    from moefy.moe_layer import SKETCH_APPROX_DEFAULT
+    from moefy.routing import router_spec
+
+    fixed = router_spec("sketch", MoEConfig(router="sketch", active=0.5))
+    assert fixed["options"]["approx"] == SKETCH_APPROX_DEFAULT == 0.3
+    assert router_spec("sketch", MoEConfig(router="sketch", active=None, tau=0.5))["options"]["approx"] == 0.0
+    assert router_spec("sketch", MoEConfig(router="sketch", router_approx=0.0))["options"]["approx"] == 0.0
+    assert "options" not in router_spec("similarity", MoEConfig(router="similarity"))
+    MoEConfig(router="sketch", tau=0.5).validate()  # the default does not clash with tau

@@ -427,10 +427,13 @@ void moefy_sketch(int64_t T, int64_t D, int64_t I, int64_t c, const float* x, co
 // as a dense dot with the kept ones zeroed: measured faster here than gathering them (AVX2
 // gathers ran 1.5x slower than the full dot), so the FLOPs saved are counted, not the time.
 // Pairs as in moefy_experts; no shared neurons; y[T, D] is overwritten. upp / w_up / b_in may be null.
+// Sketched experts (KB > 0): token t also adds the experts extra[t, :KB] with their sketched
+// activations hx[t, e * n + r] ([T, I], from moefy_sketch) through their down rows alone.
 void moefy_sketch_experts(int64_t T, int64_t D, int64_t n, int64_t c, const float* x, const int64_t* kept,
                           const float* gp, const float* upp, int64_t I, const int64_t* off_in, int64_t K,
                           const int64_t* experts, const float* w_in, const float* w_up, const float* b_in,
-                          const float* w_out, int act, float* y, int threads) {
+                          const float* w_out, int act, float* y, int threads, int64_t KB,
+                          const int64_t* extra, const float* hx) {
   std::vector<int64_t> fixed;
   if (!off_in) {
     fixed.resize(T + 1);
@@ -481,6 +484,7 @@ void moefy_sketch_experts(int64_t T, int64_t D, int64_t n, int64_t c, const floa
 #pragma omp parallel num_threads(threads) if (T > 1 || parts > 1)
   {
     std::vector<const float*> down;
+    std::vector<float> hv;
 #pragma omp for collapse(2) schedule(static)
     for (int64_t t = 0; t < T; ++t)
       for (int64_t s = 0; s < parts; ++s) {
@@ -489,7 +493,18 @@ void moefy_sketch_experts(int64_t T, int64_t D, int64_t n, int64_t c, const floa
         down.clear();
         for (int64_t p = off[t]; p < off[t + 1]; ++p)
           for (int64_t r = 0; r < n; ++r) down.push_back(w_out + (experts[p] * n + r) * D);
-        down_rows(h.data() + off[t] * n, down.data(), (int64_t)down.size(), lo, hi, y + t * D);
+        const float* ht = h.data() + off[t] * n;
+        if (KB) {  // the sketched experts' rows join the same accumulation
+          hv.assign(ht, ht + down.size());
+          for (int64_t j = 0; j < KB; ++j)
+            for (int64_t r = 0; r < n; ++r) {
+              const int64_t i = extra[t * KB + j] * n + r;
+              down.push_back(w_out + i * D);
+              hv.push_back(hx[t * I + i]);
+            }
+          ht = hv.data();
+        }
+        down_rows(ht, down.data(), (int64_t)down.size(), lo, hi, y + t * D);
       }
   }
 }
@@ -502,13 +517,15 @@ extern "C" {
 // call (few tokens): each token's c channels of largest |x|, the sketch over every routed neuron
 // (wt_in / wt_up [D, I] transposed), scores |h| x ||w_out row|| (out_norms [I]), its K best
 // neurons, their completion over the channels left (moefy_sketch_experts), plus the S shared
-// neurons. y[T, D] is overwritten; b_out is not added. wt_up / w_up / b_in / s_* may be null.
-void moefy_sketch_moe(int64_t T, int64_t D, int64_t I, int64_t c, int64_t K, const float* x, const float* wt_in,
-                      const float* wt_up, const float* b_in, const float* out_norms, const float* w_in,
-                      const float* w_up, const float* w_out, int64_t S, const float* s_in, const float* s_up,
-                      const float* s_b, const float* s_out, int act, float* y, int threads) {
-  std::vector<int64_t> kept((size_t)T * c), chosen((size_t)T * K);
-  std::vector<float> h((size_t)T * I), gp((size_t)T * I), upp(wt_up ? (size_t)T * I : 0);
+// neurons. With KB > 0 the KB neurons ranked next add their sketched activations through their
+// down rows (sketched experts). y[T, D] is overwritten; b_out is not added. wt_up / w_up / b_in /
+// s_* may be null.
+void moefy_sketch_moe(int64_t T, int64_t D, int64_t I, int64_t c, int64_t K, int64_t KB, const float* x,
+                      const float* wt_in, const float* wt_up, const float* b_in, const float* out_norms,
+                      const float* w_in, const float* w_up, const float* w_out, int64_t S, const float* s_in,
+                      const float* s_up, const float* s_b, const float* s_out, int act, float* y, int threads) {
+  std::vector<int64_t> kept((size_t)T * c), chosen((size_t)T * (K + KB)), exact((size_t)T * K), extra((size_t)T * KB);
+  std::vector<float> h((size_t)T * I), gp((size_t)T * I), upp(wt_up ? (size_t)T * I : 0), sc((size_t)T * I);
   {
     std::vector<int64_t> order(D);
     for (int64_t t = 0; t < T; ++t) {
@@ -524,10 +541,20 @@ void moefy_sketch_moe(int64_t T, int64_t D, int64_t I, int64_t c, int64_t K, con
   moefy_sketch(T, D, I, c, x, kept.data(), wt_in, wt_up, b_in, act, h.data(), gp.data(),
                wt_up ? upp.data() : nullptr, threads);
   for (int64_t t = 0; t < T; ++t)
-    for (int64_t i = 0; i < I; ++i) h[t * I + i] = std::fabs(h[t * I + i]) * out_norms[i];
-  moefy_topk(T, I, K, h.data(), chosen.data(), threads);
+    for (int64_t i = 0; i < I; ++i) sc[t * I + i] = std::fabs(h[t * I + i]) * out_norms[i];
+  moefy_topk(T, I, K + KB, sc.data(), chosen.data(), threads);
+  // The K best of each token's K + KB are computed exactly; the KB after them are sketched.
+  for (int64_t t = 0; t < T; ++t) {
+    int64_t* ct = chosen.data() + t * (K + KB);
+    const float* s = sc.data() + t * I;
+    if (KB && K > 0)
+      std::nth_element(ct, ct + (K - 1), ct + K + KB,
+                       [&](int64_t a, int64_t b) { return s[a] > s[b] || (s[a] == s[b] && a < b); });
+    std::copy(ct, ct + K, exact.begin() + t * K);
+    std::copy(ct + K, ct + K + KB, extra.begin() + t * KB);
+  }
   moefy_sketch_experts(T, D, 1, c, x, kept.data(), gp.data(), wt_up ? upp.data() : nullptr, I, nullptr, K,
-                       chosen.data(), w_in, w_up, b_in, w_out, act, y, threads);
+                       exact.data(), w_in, w_up, b_in, w_out, act, y, threads, KB, extra.data(), h.data());
   if (!S) return;
   // Shared neurons: activations in chunks of 16 rows across threads, then y += hs . s_out.
   std::vector<float> hs((size_t)T * S);

@@ -13,18 +13,13 @@ executed sketch model (with reuse).
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import time
 
 import torch
 
-from moefy import data as data_mod
-from moefy import models
-from moefy.config import DataConfig, MoEConfig
-from moefy.convert import build, calibrate
-from moefy.evaluate import perplexity
 from moefy.moe_layer import MoEFFN
+
+import study
 
 
 def plan(layer: MoEFFN, active: float, down: float) -> int:
@@ -62,12 +57,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    loaded = models.load("smollm2-135m")
-    heldout = data_mod.blocks("wiki-sample:heldout", loaded.tokenizer, 256, max_tokens=args.tokens)
-    with torch.no_grad():
-        dense = perplexity(loaded.model, heldout)[0]
-    cfg = MoEConfig(num_experts=1536, shared=args.shared, router="sketch")
-    m = build(loaded.model, loaded.tokenizer, calibrate(loaded.model, loaded.tokenizer, cfg, DataConfig()), cfg)
+    loaded, heldout, dense = study.smollm("wiki-sample:heldout", args.tokens)
+    m = study.sketch_model(loaded, shared=args.shared)
     rows = []
     for active in args.active:
         for scale in args.channels_scale:
@@ -77,16 +68,12 @@ def main():
                 ks = [plan(layer, active, down) for layer in m.layers]
                 for layer, k in zip(m.layers, ks):
                     layer.forward = (lambda lay, kk: lambda x: masked_forward(lay, x, kk, down))(layer, k)
-                start = time.time()
-                with torch.no_grad():
-                    ppl = perplexity(m.model, heldout)[0]
+                ppl, seconds = study.timed_perplexity(m.model, heldout)
                 rows.append({"active": active, "channels": channels, "down": down, "k1": ks[0],
                              "k2": max(1, math.ceil(down * ks[0])), "ppl": ppl, "ppl_ratio": ppl / dense,
-                             "seconds": time.time() - start})
+                             "seconds": seconds})
                 print(rows[-1], flush=True)
-    with open(args.out, "w") as f:
-        json.dump({"dense_ppl": dense, "tokens": int(heldout[:, 1:].numel()), "rows": rows, "args": vars(args)},
-                  f, indent=1)
+    study.write(args.out, dense, heldout, rows, args)
 
 
 if __name__ == "__main__":

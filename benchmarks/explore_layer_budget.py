@@ -21,10 +21,10 @@ import torch.nn.functional as F
 
 from moefy import data as data_mod
 from moefy import models
-from moefy.config import DataConfig, MoEConfig
-from moefy.convert import build, calibrate
 from moefy.evaluate import perplexity
 from moefy.moe_layer import sketch_channels_for
+
+import study
 
 GRID = [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.75, 1.0]  # 1.0: the layer runs dense
 
@@ -97,8 +97,8 @@ def main():
     with torch.no_grad():
         dense_ppl = perplexity(loaded.model, heldout)[0]
         ref = torch.cat([F.log_softmax(loaded.model(input_ids=b).logits.float(), -1) for b in calib.split(4)])
-    cfg = MoEConfig(num_experts=args.experts, shared=args.shared, router=args.router)
-    m = build(loaded.model, loaded.tokenizer, calibrate(loaded.model, loaded.tokenizer, cfg, DataConfig()), cfg)
+    m = study.convert(loaded, num_experts=args.experts, shared=args.shared, router=args.router,
+                      router_approx=0.0 if args.router == "sketch" else None)
     layers = m.layers
     table = []  # per layer: [(share, flop share, kl)]
     start = time.time()

@@ -21,18 +21,15 @@ y += M z, z = h_hat * unselected:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 
 import torch
 
 from moefy import data as data_mod
-from moefy import models
-from moefy.config import DataConfig, MoEConfig
-from moefy.convert import build, calibrate
-from moefy.evaluate import perplexity
 from moefy.moe_layer import ACTIVATIONS, MoEFFN
+
+import study
 
 
 def sketch(layer: MoEFFN, x: torch.Tensor, k: int, k_b: int = 0):
@@ -127,13 +124,9 @@ def main():
     ap.add_argument("--data", default="wiki-sample:heldout")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    loaded = models.load("smollm2-135m")
-    heldout = data_mod.blocks(args.data, loaded.tokenizer, 256, max_tokens=args.tokens)
+    loaded, heldout, dense = study.smollm(args.data, args.tokens)
     calib = data_mod.blocks("wiki-sample:calib", loaded.tokenizer, 256, max_tokens=args.calib_tokens)
-    with torch.no_grad():
-        dense = perplexity(loaded.model, heldout)[0]
-    cfg = MoEConfig(num_experts=1536, shared=0.0, router="sketch", router_reuse=True)
-    m = build(loaded.model, loaded.tokenizer, calibrate(loaded.model, loaded.tokenizer, cfg, DataConfig()), cfg)
+    m = study.sketch_model(loaded)
     m.set_active(args.active)
     rows = []
     for kind in args.kinds:
@@ -158,14 +151,11 @@ def main():
                         m.model(calib[i:i + 4])
                     for c in comps:
                         c.finish(args.ridge)
-                ppl = perplexity(m.model, heldout)[0]
+            ppl, seconds = study.timed_perplexity(m.model, heldout)
             rows.append({"active": args.active, "kind": kind, "rank": rank, "k": comps[0].k, "k_b": comps[0].k_b,
-                         "beta": beta, "ppl": ppl,
-                         "ppl_ratio": ppl / dense, "seconds": time.time() - start})
+                         "beta": beta, "ppl": ppl, "ppl_ratio": ppl / dense, "seconds": time.time() - start})
             print(rows[-1], flush=True)
-    with open(args.out, "w") as f:
-        json.dump({"dense_ppl": dense, "tokens": int(heldout[:, 1:].numel()), "rows": rows, "args": vars(args)},
-                  f, indent=1)
+    study.write(args.out, dense, heldout, rows, args)
 
 
 if __name__ == "__main__":

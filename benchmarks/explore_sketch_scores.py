@@ -19,19 +19,14 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
-import time
 
 import numpy as np
 import torch
 
-from moefy import data as data_mod
-from moefy import models
-from moefy.config import DataConfig, MoEConfig
-from moefy.convert import build, calibrate
-from moefy.evaluate import perplexity
 from moefy.moe_layer import ACTIVATIONS, MoEFFN
+
+import study
 
 SQRT2 = math.sqrt(2.0)
 
@@ -134,12 +129,8 @@ def main():
     ap.add_argument("--data", default="wiki-sample:heldout")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    loaded = models.load("smollm2-135m")
-    heldout = data_mod.blocks(args.data, loaded.tokenizer, 256, max_tokens=args.tokens)
-    with torch.no_grad():
-        dense = perplexity(loaded.model, heldout)[0]
-    cfg = MoEConfig(num_experts=1536, shared=0.0, router="sketch", router_reuse=True)
-    m = build(loaded.model, loaded.tokenizer, calibrate(loaded.model, loaded.tokenizer, cfg, DataConfig()), cfg)
+    loaded, heldout, dense = study.smollm(args.data, args.tokens)
+    m = study.sketch_model(loaded)
     rows = []
     for active in args.active:
         m.set_active(active)
@@ -156,17 +147,13 @@ def main():
                     k = layer.top_k - (math.ceil(2 * rank * (E + D) / per) if args.count and beta else 0)
                     layer.forward = (lambda lay, sc, kk: lambda x: masked_forward(lay, sc, x, kk, stats, beta))(
                         layer, scorer, k)
-                start = time.time()
-                with torch.no_grad():
-                    ppl = perplexity(m.model, heldout)[0]
+                ppl, seconds = study.timed_perplexity(m.model, heldout)
                 rows.append({"active": active, "score": kind, "alpha": alpha, "compensate": beta, "rank": rank,
                              "counted": args.count, "channels": m.layers[0].router.channels, "top_k": k, "ppl": ppl, "ppl_ratio": ppl / dense,
                              "recall": stats["recall"] / stats["n"], "mass": stats["mass"] / stats["n"],
-                             "seconds": time.time() - start})
+                             "seconds": seconds})
                 print(rows[-1], flush=True)
-    with open(args.out, "w") as f:
-        json.dump({"dense_ppl": dense, "tokens": int(heldout[:, 1:].numel()), "rows": rows, "args": vars(args)},
-                  f, indent=1)
+    study.write(args.out, dense, heldout, rows, args)
 
 
 if __name__ == "__main__":

@@ -19,18 +19,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
-import time
 
 import torch
 
-from moefy import data as data_mod
-from moefy import models
-from moefy.config import DataConfig, MoEConfig
-from moefy.convert import build, calibrate
-from moefy.evaluate import perplexity
 from moefy.moe_layer import ACTIVATIONS, MoEFFN
+
+import study
 
 
 def plan(N: int, D: int, active: float, c1: float, f1: float, c2: float) -> int:
@@ -80,12 +75,8 @@ def main():
     ap.add_argument("--data", default="wiki-sample:heldout")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    loaded = models.load("smollm2-135m")
-    heldout = data_mod.blocks(args.data, loaded.tokenizer, 256, max_tokens=args.tokens)
-    with torch.no_grad():
-        dense = perplexity(loaded.model, heldout)[0]
-    cfg = MoEConfig(num_experts=1536, shared=0.0, router="sketch", router_reuse=True)
-    m = build(loaded.model, loaded.tokenizer, calibrate(loaded.model, loaded.tokenizer, cfg, DataConfig()), cfg)
+    loaded, heldout, dense = study.smollm(args.data, args.tokens)
+    m = study.sketch_model(loaded)
     N, D = 1536, m.layers[0].w_in.shape[-1]
     grid = [(c2, 1.0, c2) for c2 in args.c2] + [
         (c1, f1, c2) for c2, c1, f1 in itertools.product(args.c2, args.c1, args.f1) if c1 < c2]
@@ -97,15 +88,11 @@ def main():
         stats = {"recall": 0.0, "n": 0}
         for layer in m.layers:
             layer.forward = (lambda lay: lambda x: masked_forward(lay, x, c1, f1, c2, k, stats))(layer)
-        start = time.time()
-        with torch.no_grad():
-            ppl = perplexity(m.model, heldout)[0]
+        ppl, seconds = study.timed_perplexity(m.model, heldout)
         rows.append({"active": args.active, "c1": c1, "f1": f1, "c2": c2, "k": k, "neurons": k / N, "ppl": ppl,
-                     "ppl_ratio": ppl / dense, "recall": stats["recall"] / stats["n"], "seconds": time.time() - start})
+                     "ppl_ratio": ppl / dense, "recall": stats["recall"] / stats["n"], "seconds": seconds})
         print(rows[-1], flush=True)
-    with open(args.out, "w") as f:
-        json.dump({"dense_ppl": dense, "tokens": int(heldout[:, 1:].numel()), "rows": rows, "args": vars(args)},
-                  f, indent=1)
+    study.write(args.out, dense, heldout, rows, args)
 
 
 if __name__ == "__main__":

@@ -18,17 +18,10 @@ default since session 6; the rows before it had none).
 from __future__ import annotations
 
 import argparse
-import json
-import time
 
-import torch
-
-from moefy import data as data_mod
-from moefy import models
-from moefy.config import DataConfig, MoEConfig
-from moefy.convert import build, calibrate
 from moefy.errors import ConfigError
-from moefy.evaluate import perplexity
+
+import study
 
 
 def main():
@@ -38,15 +31,12 @@ def main():
     ap.add_argument("--channels", type=float, nargs="+", default=[0.2, 0.3, 0.4])
     ap.add_argument("--active", type=float, nargs="+", default=[0.5, 0.25])
     ap.add_argument("--reuse", type=int, nargs="+", default=[1], choices=[0, 1])
+    ap.add_argument("--approx", type=float, default=0.0, help="sketched experts' share (--router-approx)")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    loaded = models.load("smollm2-135m")
-    heldout = data_mod.blocks("wiki-sample:heldout", loaded.tokenizer, 256, max_tokens=args.tokens)
-    with torch.no_grad():
-        dense = perplexity(loaded.model, heldout)[0]
-    cfg = MoEConfig(num_experts=args.experts, shared=args.shared, router="sketch")
-    m = build(loaded.model, loaded.tokenizer, calibrate(loaded.model, loaded.tokenizer, cfg, DataConfig()), cfg)
+    loaded, heldout, dense = study.smollm("wiki-sample:heldout", args.tokens)
+    m = study.sketch_model(loaded, experts=args.experts, shared=args.shared, approx=args.approx)
     rows = []
     for channels, reuse, active in ((c, r, a) for c in args.channels for r in args.reuse for a in args.active):
         m.set_router_channels(channels)
@@ -59,16 +49,13 @@ def main():
             rows.append({**row, "error": str(exc)})
             print(rows[-1], flush=True)
             continue
-        start = time.time()
-        with torch.no_grad():
-            ppl = perplexity(m.model, heldout)[0]
+        ppl, seconds = study.timed_perplexity(m.model, heldout)
         layer = m.layers[0]
         rows.append({**row, "top_k": layer.top_k, "ppl": ppl, "ppl_ratio": ppl / dense,
                      "active_ffn_share": layer.flops_per_token(layer.top_k) / layer.dense_flops_per_token(),
-                     "seconds": time.time() - start})
+                     "seconds": seconds})
         print(rows[-1], flush=True)
-    with open(args.out, "w") as f:
-        json.dump({"dense_ppl": dense, "tokens": int(heldout[:, 1:].numel()), "rows": rows}, f, indent=1)
+    study.write(args.out, dense, heldout, rows)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,55 @@
+"""What the studies under benchmarks/ share: SmolLM2 with held-out blocks and their dense
+perplexity, a sketch-router model converted on the default calibration, a timed perplexity, and
+the JSON file each writes. The studies measure the sketch without sketched experts
+(router_approx 0) unless they say otherwise, so their tables stay comparable."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+
+from moefy import data as data_mod
+from moefy import models
+from moefy.config import DataConfig, MoEConfig
+from moefy.convert import build, calibrate
+from moefy.evaluate import perplexity
+
+
+def smollm(data: str = "wiki-sample:heldout", tokens: int = 4096):
+    """(loaded SmolLM2, held-out blocks of 256 tokens, dense perplexity on them)."""
+    loaded = models.load("smollm2-135m")
+    heldout = data_mod.blocks(data, loaded.tokenizer, 256, max_tokens=tokens)
+    with torch.no_grad():
+        dense = perplexity(loaded.model, heldout)[0]
+    return loaded, heldout, dense
+
+
+def convert(loaded, **moe):
+    """The model converted with MoEConfig(**moe) on the default calibration (wiki-sample)."""
+    cfg = MoEConfig(**moe)
+    return build(loaded.model, loaded.tokenizer, calibrate(loaded.model, loaded.tokenizer, cfg, DataConfig()), cfg)
+
+
+def sketch_model(loaded, experts: int = 1536, shared: float = 0.0, reuse: bool = True, approx: float = 0.0):
+    """A sketch-router model of one-neuron experts (by default), converted as `convert` does."""
+    return convert(loaded, num_experts=experts, shared=shared, router="sketch", router_reuse=reuse,
+                   router_approx=approx)
+
+
+def timed_perplexity(model, heldout) -> tuple[float, float]:
+    """(perplexity, seconds) of model on the held-out blocks."""
+    start = time.time()
+    with torch.no_grad():
+        ppl = perplexity(model, heldout)[0]
+    return ppl, time.time() - start
+
+
+def write(path: str, dense: float, heldout: torch.Tensor, rows: list, args=None):
+    """The study's JSON: dense perplexity, scored tokens, its rows and (when given) its arguments."""
+    out = {"dense_ppl": dense, "tokens": int(heldout[:, 1:].numel()), "rows": rows}
+    if args is not None:
+        out["args"] = vars(args)
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)

@@ -538,9 +538,12 @@ class MoEFFN(nn.Module):
         takes it (only when the expert weights require grad under autograd)."""
         E, n, D = self.w_in.shape
         approx = self._approx_on()
+        if approx:  # the sketch once, with gradients: it ranks the experts and gives the sketched ones
+            idx = x.detach().abs().topk(self.router.kept, dim=-1).indices
+            hs = self._sketch_hidden(x, idx)[0].view(-1, E, n)
         with torch.no_grad():
             if approx:
-                exact, second = self._tiers(self._scores(x))
+                exact, second = self._tiers(self._sketch_scores(hs.detach()))
                 mask = torch.zeros(x.shape[0], E, dtype=torch.bool, device=x.device).scatter_(1, exact, True)
                 sketched = torch.zeros_like(mask).scatter_(1, second, True)
             else:
@@ -548,9 +551,8 @@ class MoEFFN(nn.Module):
         self.tokens_seen += x.shape[0]
         self.experts_selected += int(mask.sum())
         h = self.hidden_all(x).view(-1, E, n) * mask.unsqueeze(-1).to(x.dtype)
-        if approx:  # the sketched experts' activations, with their gradients
-            idx = x.detach().abs().topk(self.router.kept, dim=-1).indices
-            h = h + self._sketch_hidden(x, idx)[0].view(-1, E, n) * sketched.unsqueeze(-1).to(x.dtype)
+        if approx:
+            h = h + hs * sketched.unsqueeze(-1).to(x.dtype)
         y = h.flatten(1) @ self.w_out.flatten(0, 1)
         return y if self.shared_in is None else y + self._shared(x)
 
@@ -638,16 +640,19 @@ class MoEFFN(nn.Module):
         else:
             h, *sums = self._sketch_hidden(x, idx)
         h = h.view(-1, E, n)
-        if n == 1:
-            scores = h[..., 0].abs() * self._sketch_weights()[2]
-        else:
-            gram = self._cached("gram", lambda: self.w_out @ self.w_out.transpose(1, 2))  # [E, n, n]
-            scores = torch.einsum("ten,enm,tem->te", h, gram, h).clamp_min(0).sqrt()
+        scores = self._sketch_scores(h)
         if not partials:
             return (scores, h) if hidden else scores
         if sums is None:
             raise RuntimeError("sketch partial sums need the compiled kernels or more than one token")
         return (scores, h, (idx, *sums)) if hidden else (scores, (idx, *sums))
+
+    def _sketch_scores(self, h: torch.Tensor) -> torch.Tensor:
+        """Each expert's output norm [T, E] with its neurons' sketched activations h [T, E, n]."""
+        if h.shape[-1] == 1:
+            return h[..., 0].abs() * self._sketch_weights()[2]
+        gram = self._cached("gram", lambda: self.w_out @ self.w_out.transpose(1, 2))  # [E, n, n]
+        return torch.einsum("ten,enm,tem->te", h, gram, h).clamp_min(0).sqrt()
 
     def _sketch_hidden(self, x: torch.Tensor, idx: torch.Tensor):
         """(sketched activations [T, E*n], gate sums, up sums or None) from the kept channels

@@ -514,16 +514,11 @@ class MoEFFN(nn.Module):
             self.experts_selected += x.shape[0] * self.top_k
             t_in, t_up, norms = self._sketch_weights()
             return kern.sketch_moe(args, x, self.top_k, self.router.kept, t_in, t_up, norms, sketched=kb)
-        if kb:
-            scores, h, (kept, gp, upp) = self.sketch_norms(x, self.router.kept, partials=True, hidden=True)
-            exact, sketched = self._tiers(scores, kern)
+        scores, h, (kept, gp, upp) = self.sketch_norms(x, self.router.kept, partials=True, hidden=True)
+        if self.tau is None:
+            exact, sketched = self._tiers(scores, kern) if kb else (kern.topk(scores, self.top_k), None)
             self.experts_selected += x.shape[0] * self.top_k
             y = kern.sketch_experts(args, x, kept, gp, upp, exact.contiguous(), sketched=sketched, hidden=h)
-            return y if self.shared_in is None else y + self._shared(x)
-        scores, (kept, gp, upp) = self.sketch_norms(x, self.router.kept, partials=True)
-        if self.tau is None:
-            self.experts_selected += x.shape[0] * self.top_k
-            y = kern.sketch_experts(args, x, kept, gp, upp, kern.topk(scores, self.top_k))
         else:
             mask = select_experts(scores, self.top_k, self.tau)
             experts = mask.nonzero()[:, 1].contiguous()

@@ -688,22 +688,17 @@ class MoEFFN(nn.Module):
         kernels take them, _sketch_kernel): the top_k exact experts (on the kernels when given)
         plus the next approx_k sketched ones."""
         T = x.shape[0]
-        kept = self.router.kept
         self.tokens_seen += T
         self.experts_selected += T * self.top_k
-        shared_done = False
+        scores, h = self.sketch_norms(x, self.router.kept, hidden=True)
+        exact, approx = self._tiers(scores, kern)
+        shared_done = kern is not None and T <= KERNEL_FUSED_MAX_TOKENS
         if kern is not None:
-            scores, h = self.sketch_norms(x, kept, hidden=True)
-            exact, approx = self._tiers(scores, kern)
-            shared_done = T <= KERNEL_FUSED_MAX_TOKENS
             y = kern.experts(args, x, exact, shared=shared_done)
+        elif T == 1:
+            y = self._experts_gather(x, exact[0])
         else:
-            scores, h = self.sketch_norms(x, kept, hidden=True)
-            exact, approx = self._tiers(scores)
-            if T == 1:
-                y = self._experts_gather(x, exact[0])
-            else:
-                y = self._experts_grouped(x, torch.zeros_like(scores, dtype=torch.bool).scatter_(1, exact, True))
+            y = self._experts_grouped(x, torch.zeros_like(scores, dtype=torch.bool).scatter_(1, exact, True))
         y = y + self._sketched(h, approx)
         return y if shared_done or self.shared_in is None else y + self._shared(x)
 

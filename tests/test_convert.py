@@ -294,3 +294,7 @@ def test_sketch_conversions_get_sketched_experts_by_default():
     assert router_spec("sketch", MoEConfig(router="sketch", router_approx=0.0))["options"]["approx"] == 0.0
     assert "options" not in router_spec("similarity", MoEConfig(router="similarity"))
     MoEConfig(router="sketch", tau=0.5).validate()  # the default does not clash with tau
+    with pytest.raises(ConfigError, match="fixed top-k"):
+        MoEConfig(router="sketch", active=None, tau=0.5, router_approx=0.3).validate()
+    with pytest.raises(ConfigError, match=r"\[0, 1\)"):
+        MoEConfig(router="sketch", router_approx=1.0).validate()

@@ -47,6 +47,12 @@ def convert(
                                                              "sketched experts, the ones ranked next, which add their "
                                                              "sketched activations through their down rows alone, in "
                                                              "[0, 1) (default: 0.3 with a fixed top-k, 0 with --tau)."),
+    router_threshold: Optional[bool] = typer.Option(None, "--router-threshold/--router-top-k",
+                                                    help="sketch router: each layer keeps the experts whose score "
+                                                         "reaches a threshold fitted on the calibration text (the "
+                                                         "same mean count as the top-k, more for some tokens, fewer "
+                                                         "for others), or the same top-k for every token (default: "
+                                                         "thresholds with a fixed top-k, top-k with --tau)."),
     router_input: str = typer.Option("own", help="What each mlp router reads: own (its layer's FFN input) or previous "
                                                  "(the previous layer's: Pre-gated MoE, experts known a layer ahead)."),
     budget: str = typer.Option("uniform", help="Per-layer top-k: uniform (same share everywhere) or sensitivity "
@@ -86,7 +92,7 @@ def convert(
         moe_cfg = MoEConfig(num_experts=experts, active=None if tau is not None else active, tau=tau,
                             method=method, router=router, router_loss=router_loss, router_input=router_input,
                             router_channels=router_channels, router_reuse=router_reuse, router_approx=router_approx,
-                            shared=shared, seed=seed,
+                            router_threshold=router_threshold, shared=shared, seed=seed,
                             budget=budget)
         data_cfg = DataConfig(source=calib, seq_len=seq_len, tokens=calib_tokens)
         lw_cfg = lw_mod.LayerwiseConfig(propagate=propagate, device=device, dtype=dtype, offload=offload)
@@ -131,6 +137,9 @@ def eval_cmd(
                                                                "(applied before --active)."),
     router_approx: Optional[float] = typer.Option(None, help="Override a sketch router's approx share (sketched "
                                                              "experts; applied before --active)."),
+    router_threshold: Optional[bool] = typer.Option(None, "--router-threshold/--router-top-k",
+                                                    help="Override how a sketch router selects: by its score "
+                                                         "thresholds (a model converted with them) or a fixed top-k."),
     oracle: bool = typer.Option(False, help="Also score the same experts with perfect routing."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON here."),
     overwrite: bool = typer.Option(False, help="Replace an existing --json file."),
@@ -143,11 +152,11 @@ def eval_cmd(
         from . import data as data_mod
 
         m = _open_run(run, json_out, overwrite, active=active, top_k=top_k, tau=tau, router_channels=router_channels,
-                      router_approx=router_approx)
+                      router_approx=router_approx, router_threshold=router_threshold)
         info = _run_info(m.record, "eval", run, {"data": data, "tokens": tokens, "seq_len": seq_len, "active": active,
                                                 "top_k": top_k, "tau": tau, "router_channels": router_channels,
                                                 "router_approx": router_approx,
-                                                "oracle": oracle})
+                                                "router_threshold": router_threshold, "oracle": oracle})
         if m.record.get("kind") == "sparse_expansion":  # a `moefy prune` folder: no dense copy inside
             return _report_pruned(m, data_mod.blocks(data, m.tokenizer, seq_len, max_tokens=tokens), data, json_out,
                                   run=info)
@@ -176,6 +185,9 @@ def tune(
                                                                "(applied before --active)."),
     router_approx: Optional[float] = typer.Option(None, help="Override a sketch router's approx share (sketched "
                                                              "experts; applied before --active)."),
+    router_threshold: Optional[bool] = typer.Option(None, "--router-threshold/--router-top-k",
+                                                    help="Override how a sketch router selects: by its score "
+                                                         "thresholds (a model converted with them) or a fixed top-k."),
     tau: Optional[float] = typer.Option(None, help="Tune with dynamic-k at this threshold."),
     checkpoint_minutes: float = typer.Option(5.0, help="Minutes between checkpoints (in OUT.tuning/)."),
     resume: bool = typer.Option(False, help="Continue from the checkpoint in OUT.tuning/."),
@@ -205,7 +217,7 @@ def tune(
         cfg.validate()
         check_target(out, overwrite)
         m = _open_run(run, json_out, overwrite, active=active, tau=tau, router_channels=router_channels,
-                      router_approx=router_approx)
+                      router_approx=router_approx, router_threshold=router_threshold)
         heldout = data_mod.blocks(eval_data, m.tokenizer, seq_len, max_tokens=eval_tokens) if evaluate else None
         checkpoint = out.parent / f"{out.name}.tuning"
         record = tune_fn(m, cfg, checkpoint=checkpoint, resume=resume, progress=True)
@@ -239,6 +251,9 @@ def bench(
                                                                "(applied before --active)."),
     router_approx: Optional[float] = typer.Option(None, help="Override a sketch router's approx share (sketched "
                                                              "experts; applied before --active)."),
+    router_threshold: Optional[bool] = typer.Option(None, "--router-threshold/--router-top-k",
+                                                    help="Override how a sketch router selects: by its score "
+                                                         "thresholds (a model converted with them) or a fixed top-k."),
     overwrite: bool = typer.Option(False, help="Replace an existing --output-json file."),
 ):
     """Dense vs MoE wall-clock: FFN stacks (batch 1, prefill), greedy decode tokens/s, prefill, memory."""
@@ -252,7 +267,7 @@ def bench(
         from .io import write_json
 
         m = _open_run(run, output_json, overwrite, active=active, router_channels=router_channels,
-                      router_approx=router_approx)
+                      router_approx=router_approx, router_threshold=router_threshold)
         seq = max(input_len, prefill_tokens // 8)
         blocks = data_mod.blocks(data, m.tokenizer, seq, max_tokens=8 * seq, min_tokens=8 * seq)
         result = bench_mod.run(m, blocks, input_len=input_len, output_len=output_len, batch_size=batch_size,
@@ -641,7 +656,8 @@ def report(
     _run(body)
 
 
-def _open_run(run, json_out, overwrite, active=None, top_k=None, tau=None, router_channels=None, router_approx=None):
+def _open_run(run, json_out, overwrite, active=None, top_k=None, tau=None, router_channels=None, router_approx=None,
+              router_threshold=None):
     """Check the JSON target first (nothing is overwritten by surprise), load, apply overrides."""
     from . import load
     from .io import check_target
@@ -653,6 +669,8 @@ def _open_run(run, json_out, overwrite, active=None, top_k=None, tau=None, route
         m.set_router_channels(router_channels)
     if router_approx is not None:
         m.set_router_approx(router_approx)
+    if router_threshold is not None:
+        m.set_router_threshold(router_threshold)
     if active is not None:
         m.set_active(active)
     if top_k is not None or tau is not None:

@@ -41,6 +41,7 @@ class MoEConfig:
     router_channels: float | None = None  # sketch router: share of each token's input channels (largest |x|) it reads, (0, 1]; None: 0.8 x active (0.6 x without reuse)
     router_reuse: bool = True        # sketch router: the selected neurons complete its partial sums (their gate and up cost 1 - channels)
     router_approx: float | None = None  # sketch router: share of the routed budget for sketched experts (down rows x sketched activations), [0, 1); None: 0.3 with a fixed top-k, else 0
+    router_threshold: bool | None = None  # sketch router: select by per-layer score thresholds fitted on calibration text (the top-k's mean counts) instead of the same top-k per token; None: on with a fixed top-k
     marker_share: float = 0.25       # a neuron is "active" on a token when in that token's top share by |h|
     seed: int = 0                    # seeds grouping and router training
 
@@ -67,6 +68,8 @@ class MoEConfig:
             raise ConfigError(f"router approx share must be in [0, 1), got {self.router_approx}")
         if self.router_approx and (self.router != "sketch" or self.tau is not None):
             raise ConfigError("--router-approx needs the sketch router and a fixed top-k (--router sketch, no --tau)")
+        if self.router_threshold and (self.router != "sketch" or self.tau is not None):
+            raise ConfigError("--router-threshold needs the sketch router and a fixed top-k (--router sketch, no --tau)")
         if self.num_experts < 2:
             raise ConfigError(f"experts must be at least 2, got {self.num_experts}")
         if self.active is None and self.tau is None:

@@ -95,6 +95,19 @@ class MoEModel:
         if share is not None and all(layer.top_k is not None for layer in self.layers):
             self.set_active(share)
 
+    def set_router_threshold(self, on: bool):
+        """Every sketch router selects by its score thresholds (the mean counts of the top-k the
+        active share allows; needs a model converted with them) or by that top-k itself."""
+        kinds = {layer.spec["router"]["kind"] for layer in self.layers}
+        if kinds != {"sketch"}:
+            raise ConfigError(f"--router-threshold applies to sketch routers; this model's are {', '.join(sorted(kinds))}")
+        if on and any(layer.tau is not None for layer in self.layers):
+            raise ConfigError("--router-threshold needs a fixed top-k; this model uses dynamic-k (tau)")
+        if on and not all(layer.router.grid for layer in self.layers):
+            raise ConfigError("this model has no fitted score quantiles; convert it with --router-threshold")
+        for layer in self.layers:
+            layer.set_router_threshold(on)
+
     def set_active(self, share: float, budget: str | None = None):
         """Fixed top-k per layer within `share` of the dense FFN FLOPs (routers counted).
         budget="uniform": each layer the largest k that fits the share; "sensitivity": the model's

@@ -36,12 +36,13 @@ def hidden_states(model, blocks, batch_size=8):
 def compute(m: MoEModel) -> dict:
     """FFN FLOPs per token (router counted) from the counts of the last MoE-mode run."""
     dense = sum(layer.dense_flops_per_token() for layer in m.layers)
-    moe = sum(layer.flops_per_token(layer.mean_k()) for layer in m.layers)
+    moe = sum(layer.flops_per_token(layer.mean_k(), layer.mean_sketched()) for layer in m.layers)
     neurons = sum(layer.spec["shared"] + layer.mean_k() * layer.spec["expert_size"] for layer in m.layers)
     width = sum(layer.spec["shared"] + layer.spec["num_experts"] * layer.spec["expert_size"] for layer in m.layers)
     mean_k = sum(layer.mean_k() for layer in m.layers) / len(m.layers)
     return {"dense_ffn_flops_per_token": dense, "moe_ffn_flops_per_token": moe,
-            "active_ffn_share": moe / dense, "active_neuron_share": neurons / width, "mean_k": mean_k}
+            "active_ffn_share": moe / dense, "active_neuron_share": neurons / width, "mean_k": mean_k,
+            "mean_sketched": sum(layer.mean_sketched() for layer in m.layers) / len(m.layers)}
 
 
 def dense_reference(m: MoEModel, blocks: torch.Tensor, batch_size: int = 8, progress: bool = False):
@@ -84,7 +85,8 @@ def evaluate(m: MoEModel, blocks: torch.Tensor, batch_size: int = 8, progress: b
     c = compute(m)
     out = {"dense": {"ffn_flops_per_token": c["dense_ffn_flops_per_token"]},
            "moe": {"ffn_flops_per_token": c["moe_ffn_flops_per_token"], "active_ffn_share": c["active_ffn_share"],
-                   "active_neuron_share": c["active_neuron_share"], "mean_k": c["mean_k"]},
+                   "active_neuron_share": c["active_neuron_share"], "mean_k": c["mean_k"],
+                   "mean_sketched": c["mean_sketched"]},
            "tokens": int(blocks.numel())}
     if causal:
         out["dense"]["ppl"], out["moe"]["ppl"] = dense[0], moe[0]

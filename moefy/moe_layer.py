@@ -115,6 +115,12 @@ SKETCH_APPROX_DEFAULT = 0.3
 """A new sketch conversion's approx share (sketched experts) with a fixed top-k: the best of those
 measured on SmolLM2 at 50% active FFN, and a gain at 25% too (BENCHMARKS.md)."""
 
+SCORE_QUANTILES = 1024
+"""Score quantile levels a thresholded sketch router keeps per channel count (0, 1/1024, ..., 1)."""
+SCORE_GRID = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+"""Channel shares at which a thresholded sketch router's score quantiles are fitted (and the
+router's own share); others interpolate between the two nearest."""
+
 
 class SketchRouter(nn.Module):
     """Training-free and without weights of its own: it reads its layer's expert weights. Each
@@ -130,10 +136,18 @@ class SketchRouter(nn.Module):
 
     `approx`: this share of the routed experts' FLOP budget goes to sketched experts: the experts
     ranked next after the exact ones contribute their sketched activations through their down
-    rows (a down projection alone per neuron, no gate or up). See MoEFFN.approx_k."""
+    rows (a down projection alone per neuron, no gate or up). See MoEFFN.approx_k.
+
+    `threshold`: instead of the same top-k for every token, an expert is exact when its score
+    reaches a per-layer threshold (and sketched when it reaches a second, lower one). The
+    thresholds are the score quantiles, fitted on calibration text, that give the top-k's mean
+    counts (MoEFFN.fit_score_quantiles), so the mean cost stays the budget's while a token with
+    many large contributions gets more experts and one with few gets fewer. `grid` holds the
+    channel counts the quantiles [len(grid), SCORE_QUANTILES + 1] were fitted at."""
 
     def __init__(self, hidden: int, num_experts: int, gated: bool = True, expert_size: int = 1,
-                 channels: float = 0.3, auto: bool = False, reuse: bool = False, approx: float = 0.0, **_):
+                 channels: float = 0.3, auto: bool = False, reuse: bool = False, approx: float = 0.0,
+                 threshold: bool = False, grid: list | None = None, **_):
         super().__init__()
         self.hidden = hidden
         self.shape = (num_experts, expert_size, 2 if gated else 1)
@@ -141,6 +155,10 @@ class SketchRouter(nn.Module):
         self.reuse = reuse
         self.set_channels(channels)
         self.set_approx(approx)
+        self.grid = [int(c) for c in grid or []]
+        if self.grid:
+            self.register_buffer("quantiles", torch.zeros(len(self.grid), SCORE_QUANTILES + 1))
+        self.threshold = bool(threshold)
         self.__dict__["layer"] = None  # the MoEFFN whose weights it reads (set by it; not a submodule)
 
     def set_channels(self, channels: float):
@@ -156,6 +174,47 @@ class SketchRouter(nn.Module):
 
     def forward(self, x):
         return self.layer.sketch_norms(x, self.kept)  # [T, E]
+
+    def set_quantiles(self, grid: list, quantiles: torch.Tensor):
+        """Score quantiles [len(grid), SCORE_QUANTILES + 1] at the channel counts `grid` (ascending)."""
+        self.grid = [int(c) for c in grid]
+        if "quantiles" in self._buffers:
+            del self._buffers["quantiles"]
+        self.register_buffer("quantiles", quantiles.float().contiguous())
+
+    def thresholds(self, exact: float, total: float) -> tuple[float, float]:
+        """The scores above which `exact` experts and `exact + sketched` experts (`total`) are found
+        per token on average, at this router's channel count: from the quantile tables, linear in
+        the quantile level and, between two channel counts of the grid, in log score."""
+        if not self.grid:
+            raise ValueError("this sketch router has no score quantiles (fit them: MoEFFN.fit_score_quantiles)")
+        E = self.shape[0]
+        grid = self.grid
+        j = min(range(len(grid)), key=lambda i: (abs(grid[i] - self.kept), grid[i]))
+        lo = hi = j
+        if grid[j] != self.kept:
+            lo, hi = (j - 1, j) if grid[j] > self.kept else (j, j + 1)
+            lo, hi = max(lo, 0), min(hi, len(grid) - 1)
+
+        def at(row: int, count: float) -> float:
+            level = min(max(1.0 - count / E, 0.0), 1.0) * SCORE_QUANTILES
+            i = min(int(level), SCORE_QUANTILES - 1)
+            q = self.quantiles[row]
+            return float(q[i] + (level - i) * (q[i + 1] - q[i]))
+
+        def interp(count: float) -> float:
+            if count >= E:
+                return float("-inf")
+            if count <= 0:
+                return float("inf")
+            a, b = at(lo, count), at(hi, count)
+            if lo == hi or a <= 0 or b <= 0:
+                return a
+            w = (self.kept - grid[lo]) / (grid[hi] - grid[lo])
+            return math.exp((1 - w) * math.log(a) + w * math.log(b))
+
+        t1 = interp(exact)
+        return t1, (interp(total) if total > exact else t1)
 
     def flops_per_token(self) -> int:
         E, n, matrices = self.shape
@@ -216,6 +275,11 @@ def _kernels():
         else:
             _KERNELS = load()
     return _KERNELS
+
+
+def _flat(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(expert ids of every token, flat [P], token offsets [T + 1]) of a selection mask [T, E]."""
+    return mask.nonzero()[:, 1].contiguous(), F.pad(mask.sum(1).cumsum(0), (1, 0))
 
 
 class MoEFFN(nn.Module):
@@ -348,6 +412,7 @@ class MoEFFN(nn.Module):
     def reset_counters(self):
         self.tokens_seen = 0
         self.experts_selected = 0
+        self.sketched_selected = 0  # sketched experts (a sketch router's approx share)
 
     @property
     def matrices(self) -> int:
@@ -357,10 +422,11 @@ class MoEFFN(nn.Module):
         E, n, D = self.w_in.shape
         return 2 * self.matrices * D * (E * n + self.spec["shared"])
 
-    def flops_per_token(self, mean_k: float) -> float:
+    def flops_per_token(self, mean_k: float, mean_sketched: float | None = None) -> float:
         """FFN FLOPs for a token that uses `mean_k` experts, router included (multiply-adds x 2),
-        plus the sketched experts of a sketch router with an approx share (approx_k)."""
-        return self._fixed_flops() + mean_k * self._expert_flops() + self.approx_k * self._approx_flops()
+        plus `mean_sketched` sketched experts (default approx_k: a sketch router's approx share)."""
+        sketched = self.approx_k if mean_sketched is None else mean_sketched
+        return self._fixed_flops() + mean_k * self._expert_flops() + sketched * self._approx_flops()
 
     def _fixed_flops(self) -> float:
         """The router and the shared neurons."""
@@ -404,6 +470,65 @@ class MoEFFN(nn.Module):
     def mean_k(self) -> float:
         return self.experts_selected / max(self.tokens_seen, 1)
 
+    def mean_sketched(self) -> float:
+        """Sketched experts per token seen (approx_k before any)."""
+        return self.sketched_selected / self.tokens_seen if self.tokens_seen else float(self.approx_k)
+
+    @property
+    def thresholded(self) -> bool:
+        """Whether this layer selects by score thresholds (SketchRouter.threshold) in forward."""
+        r = self.router
+        return (isinstance(r, SketchRouter) and r.threshold and self.top_k is not None and self.tau is None
+                and not self.oracle and self.router_input == "own")
+
+    def thresholds(self) -> tuple[float, float]:
+        """(exact, sketched) score thresholds with this layer's mean counts top_k and approx_k."""
+        r = self.router
+        key = (r.kept, self.top_k, self.approx_k, r.quantiles._version, r.quantiles.data_ptr())
+        hit = self.__dict__.get("_thresholds")
+        if hit is None or hit[0] != key:
+            hit = (key, r.thresholds(self.top_k, self.top_k + self.approx_k))
+            self.__dict__["_thresholds"] = hit
+        return hit[1]
+
+    def _threshold_masks(self, scores: torch.Tensor):
+        """(exact [T, E], sketched [T, E] or None) by the thresholds."""
+        t1, t2 = self.thresholds()
+        exact = scores >= t1
+        return exact, ((scores >= t2) & ~exact if t2 < t1 else None)
+
+    @torch.no_grad()
+    def fit_score_quantiles(self, inputs: torch.Tensor, tokens: int = 1024):
+        """Fit a sketch router's score quantiles (SketchRouter.threshold) on this layer's inputs
+        [N, D]: an evenly spaced `tokens` of them, scored at every channel count of SCORE_GRID
+        and at the router's own."""
+        r = self.router
+        if not isinstance(r, SketchRouter):
+            raise ValueError(f"only a sketch router selects by score thresholds, not {self.spec['router']['kind']!r}")
+        D = self.w_in.shape[2]
+        x = inputs[torch.linspace(0, len(inputs) - 1, min(tokens, len(inputs))).long()].to(self.w_in.dtype)
+        grid = sorted({max(1, min(D, round(c * D))) for c in SCORE_GRID} | {r.kept})
+        levels = torch.linspace(0, 1, SCORE_QUANTILES + 1, dtype=torch.float64)
+        rows = []
+        for c in grid:
+            scores = self.sketch_norms(x, c).flatten().double()
+            rows.append(torch.quantile(scores, levels) if scores.numel() <= 1 << 24 else
+                        scores.sort().values[(levels * (scores.numel() - 1)).round().long()])
+        r.set_quantiles(grid, torch.stack(rows))
+        o = self.spec["router"]
+        self.spec["router"] = {**o, "options": {**o.get("options", {}), "grid": r.grid}}
+
+    def set_router_threshold(self, on: bool):
+        """Select by score thresholds (needs fitted quantiles) or by a fixed top-k; kept in the spec."""
+        r = self.router
+        if not isinstance(r, SketchRouter):
+            raise ValueError(f"only a sketch router selects by score thresholds, not {self.spec['router']['kind']!r}")
+        if on and not r.grid:
+            raise ValueError("this sketch router has no score quantiles; convert with --router-threshold")
+        r.threshold = bool(on)
+        o = self.spec["router"]
+        self.spec["router"] = {**o, "options": {**o.get("options", {}), "threshold": bool(on)}}
+
     # -- forward --------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -417,7 +542,9 @@ class MoEFFN(nn.Module):
         return y.reshape(shape)
 
     def route(self, x: torch.Tensor) -> torch.Tensor:
-        """The experts each token uses, as a boolean mask [T, E]."""
+        """The experts each token uses (computed exactly), as a boolean mask [T, E]."""
+        if self.thresholded:
+            return self._threshold_masks(self._scores(x))[0]
         return select_experts(self._scores(x), self.top_k, self.tau)
 
     @torch.no_grad()
@@ -426,7 +553,7 @@ class MoEFFN(nn.Module):
         x [T, D]): what `moefy bench` times as the router's cost."""
         kern = _kernels()
         args = self._kernel_args(kern) if kern is not None else None
-        if args is None or self.tau is not None or self.oracle:
+        if args is None or self.tau is not None or self.oracle or self.thresholded:
             return self.route(x)
         if self._fused_router and x.shape[0] <= KERNEL_FUSED_MAX_TOKENS:
             return kern.mlp_topk(args, x.contiguous(), self.top_k)
@@ -458,10 +585,10 @@ class MoEFFN(nn.Module):
                 torch.is_grad_enabled() and x.requires_grad):
             args = self._kernel_args(kern)
             if args is not None:
-                if self._approx_on() and not self._sketch_reuse:
+                if (self._approx_on() or self.thresholded) and not self._sketch_reuse:
                     return self._sparse_approx(x.contiguous(), kern, args)
                 return self._sparse_kernel(kern, args, x.contiguous())
-        if self._approx_on():
+        if self._approx_on() or self.thresholded:
             return self._sparse_approx(x)
         scores = self._scores(x)  # [T, E]
         if T == 1 and self.tau is None:
@@ -510,14 +637,29 @@ class MoEFFN(nn.Module):
         sketch's partial sums over the channels it did not read; sketched experts (approx_k) join
         their down projection."""
         kb = self.approx_k if self._approx_on() else 0
+        thresholds = self.thresholds() if self.thresholded else None
         if self.tau is None and x.shape[0] <= KERNEL_FUSED_MAX_TOKENS and self.spec["expert_size"] == 1:
-            self.experts_selected += x.shape[0] * self.top_k
             t_in, t_up, norms = self._sketch_weights()
-            return kern.sketch_moe(args, x, self.top_k, self.router.kept, t_in, t_up, norms, sketched=kb)
+            y, exact, sketched = kern.sketch_moe(args, x, self.top_k, self.router.kept, t_in, t_up, norms,
+                                                 sketched=kb, thresholds=thresholds)
+            self.experts_selected += exact
+            self.sketched_selected += sketched
+            return y
         scores, h, (kept, gp, upp) = self.sketch_norms(x, self.router.kept, partials=True, hidden=True)
-        if self.tau is None:
+        if thresholds is not None:
+            exact, sketched = self._threshold_masks(scores)
+            experts, offsets = _flat(exact)
+            self.experts_selected += len(experts)
+            extra = {}
+            if sketched is not None:
+                ids, offs = _flat(sketched)
+                self.sketched_selected += len(ids)
+                extra = dict(sketched=ids, sketched_offsets=offs, hidden=h)
+            y = kern.sketch_experts(args, x, kept, gp, upp, experts, offsets, **extra)
+        elif self.tau is None:
             exact, sketched = self._tiers(scores, kern) if kb else (kern.topk(scores, self.top_k), None)
             self.experts_selected += x.shape[0] * self.top_k
+            self.sketched_selected += x.shape[0] * kb
             y = kern.sketch_experts(args, x, kept, gp, upp, exact.contiguous(), sketched=sketched, hidden=h)
         else:
             mask = select_experts(scores, self.top_k, self.tau)
@@ -532,12 +674,15 @@ class MoEFFN(nn.Module):
         matrix carries the gradients of all selected experts. It saves no FLOPs; inference never
         takes it (only when the expert weights require grad under autograd)."""
         E, n, D = self.w_in.shape
-        approx = self._approx_on()
+        approx = self._approx_on() or self.thresholded
+        sketched = None
         if approx:  # the sketch once, with gradients: it ranks the experts and gives the sketched ones
             idx = x.detach().abs().topk(self.router.kept, dim=-1).indices
             hs = self._sketch_hidden(x, idx)[0].view(-1, E, n)
         with torch.no_grad():
-            if approx:
+            if self.thresholded:
+                mask, sketched = self._threshold_masks(self._sketch_scores(hs.detach()))
+            elif approx:
                 exact, second = self._tiers(self._sketch_scores(hs.detach()))
                 mask = torch.zeros(x.shape[0], E, dtype=torch.bool, device=x.device).scatter_(1, exact, True)
                 sketched = torch.zeros_like(mask).scatter_(1, second, True)
@@ -546,7 +691,8 @@ class MoEFFN(nn.Module):
         self.tokens_seen += x.shape[0]
         self.experts_selected += int(mask.sum())
         h = self.hidden_all(x).view(-1, E, n) * mask.unsqueeze(-1).to(x.dtype)
-        if approx:
+        if sketched is not None:
+            self.sketched_selected += int(sketched.sum())
             h = h + hs * sketched.unsqueeze(-1).to(x.dtype)
         y = h.flatten(1) @ self.w_out.flatten(0, 1)
         return y if self.shared_in is None else y + self._shared(x)
@@ -684,15 +830,29 @@ class MoEFFN(nn.Module):
         return z.flatten(1) @ self.w_out.flatten(0, 1)
 
     def _sparse_approx(self, x: torch.Tensor, kern=None, args=None) -> torch.Tensor:
-        """Inference with sketched experts, without reuse of the sketch's sums (with reuse the
-        kernels take them, _sketch_kernel): the top_k exact experts (on the kernels when given)
-        plus the next approx_k sketched ones."""
+        """Inference with sketched experts or score thresholds, without reuse of the sketch's sums
+        (with reuse the kernels take them, _sketch_kernel): the top_k exact experts (on the
+        kernels when given) plus the next approx_k sketched ones, or those the thresholds pick."""
         T = x.shape[0]
         self.tokens_seen += T
-        self.experts_selected += T * self.top_k
         scores, h = self.sketch_norms(x, self.router.kept, hidden=True)
-        exact, approx = self._tiers(scores, kern)
         shared_done = kern is not None and T <= KERNEL_FUSED_MAX_TOKENS
+        if self.thresholded:
+            mask, approx = self._threshold_masks(scores)
+            self.experts_selected += int(mask.sum())
+            if kern is not None:
+                y = kern.experts(args, x, *_flat(mask), shared=shared_done)
+            elif T == 1:
+                y = self._experts_gather(x, mask[0].nonzero().squeeze(1))
+            else:
+                y = self._experts_grouped(x, mask)
+            if approx is not None:
+                self.sketched_selected += int(approx.sum())
+                y = y + self._sketched_masked(h, approx)
+            return y if shared_done or self.shared_in is None else y + self._shared(x)
+        self.experts_selected += T * self.top_k
+        self.sketched_selected += T * self.approx_k
+        exact, approx = self._tiers(scores, kern)
         if kern is not None:
             y = kern.experts(args, x, exact, shared=shared_done)
         elif T == 1:
@@ -701,6 +861,12 @@ class MoEFFN(nn.Module):
             y = self._experts_grouped(x, torch.zeros_like(scores, dtype=torch.bool).scatter_(1, exact, True))
         y = y + self._sketched(h, approx)
         return y if shared_done or self.shared_in is None else y + self._shared(x)
+
+    def _sketched_masked(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The sketched experts' output [T, D] for a mask [T, E] of them (as _sketched)."""
+        if h.shape[0] == 1:
+            return self._sketched(h, mask[0].nonzero().T)
+        return (h * mask.unsqueeze(-1).to(h.dtype)).flatten(1) @ self.w_out.flatten(0, 1)
 
     def _sketch_weights(self):
         """The sketch's view of the routed weights, derived and cached: gate and up transposed to

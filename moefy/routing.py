@@ -27,8 +27,11 @@ def router_spec(kind: str, cfg) -> dict:
         approx = cfg.router_approx
         if approx is None:
             approx = SKETCH_APPROX_DEFAULT if cfg.tau is None else 0.0
+        threshold = cfg.router_threshold
+        if threshold is None:
+            threshold = cfg.tau is None
         return {"kind": "sketch", "options": {"channels": channels, "auto": auto, "reuse": cfg.router_reuse,
-                                              "approx": approx}}
+                                              "approx": approx, "threshold": threshold}}
     return {"kind": kind}
 
 
@@ -118,7 +121,7 @@ def recall(moe: MoEFFN, inputs: torch.Tensor, router_inputs: torch.Tensor | None
     """Share of the oracle's experts (largest true output norms, same count per token) that the
     router selects; a pre-gated router reads `router_inputs` (the previous layer's inputs)."""
     x = moe._router_in(inputs) if router_inputs is None else router_inputs
-    chosen = select_experts(moe.router(x), moe.top_k, moe.tau)  # [N, E]
+    chosen = moe.route(x) if moe.thresholded else select_experts(moe.router(x), moe.top_k, moe.tau)  # [N, E]
     k = chosen.sum(-1, keepdim=True)
     norms = moe.expert_norms(inputs)
     rank = norms.argsort(-1, descending=True).argsort(-1)
@@ -140,4 +143,6 @@ def build_router(moe: MoEFFN, inputs: torch.Tensor, cfg, router_inputs: torch.Te
     elif kind == "mlp":
         return train_mlp_router(moe, inputs, loss=cfg.router_loss, steps=cfg.router_steps,
                                 lr=cfg.router_lr, seed=cfg.seed, router_inputs=router_inputs)
+    elif kind == "sketch" and moe.router.threshold:
+        moe.fit_score_quantiles(inputs)
     return {"router_recall": recall(moe, inputs[: len(inputs) // 10 or 1])}

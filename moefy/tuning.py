@@ -198,14 +198,33 @@ def tune(m: MoEModel, cfg: TuneConfig = TuneConfig(), checkpoint: str | os.PathL
             layer.reset_counters()
     if ckpt is not None:
         _save(ckpt, fp, cfg, params, opt, state)
+    refit = _refit_score_quantiles(m, blocks)
     head, tail = _ends(state["losses"])
     record = {**asdict(cfg), "steps": state["step"], "tokens_seen": state["tokens"], "seconds": round(state["seconds"], 1),
               "trainable_parameters": sum(p.numel() for p in params.values()), "fingerprint": fp,
               "kl_first_10_steps": head, "kl_last_10_steps": tail}
+    if refit:
+        record["score_quantiles_refit_tokens"] = refit
     if cfg.routers:
         record["router_loss_first_10_steps"], record["router_loss_last_10_steps"] = _ends(state["router_losses"])
     m.record["tuning"] = record
     return record
+
+
+def _refit_score_quantiles(m: MoEModel, blocks: torch.Tensor, tokens: int = 1024) -> int:
+    """Sketch routers with score thresholds: their quantiles fitted again on the tuned model's own
+    layer inputs (the first `tokens` of the tuning data), so that the thresholds keep the budget's
+    mean counts with the tuned weights. Returns the tokens used (0: nothing to refit)."""
+    if not any(getattr(layer.router, "grid", None) for layer in m.layers):
+        return 0
+    take = blocks[:max(1, math.ceil(tokens / blocks.shape[1]))]
+    with torch.no_grad():
+        for layer, x in zip(m.layers, m.layer_inputs(take)):
+            if getattr(layer.router, "grid", None):
+                layer.fit_score_quantiles(x, tokens)
+    for layer in m.layers:
+        layer.reset_counters()
+    return int(take.numel())
 
 
 def _ends(losses: list[float]) -> tuple[float, float]:

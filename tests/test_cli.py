@@ -110,6 +110,18 @@ def test_sketch_channels_change_after_loading(tiny_folder, tmp_path):
     r = runner.invoke(app, ["convert", "--model", str(tiny_folder), "--out", str(tmp_path / "bad"), "--router-approx",
                             "0.3", *FAST, "--no-eval"])
     assert r.exit_code == 2 and "--router-approx" in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    topk = tmp_path / "topk"
+    r = runner.invoke(app, ["convert", "--model", str(tiny_folder), "--out", str(topk), "--router", "sketch",
+                            "--router-top-k", *wide])
+    assert r.exit_code == 0, r.output
+    assert json.loads((topk / "config.json").read_text())["moefy"]["layers"][0]["router"]["options"]["threshold"] is False
+    assert json.loads((out / "config.json").read_text())["moefy"]["layers"][0]["router"]["options"]["threshold"] is True
+    r = runner.invoke(app, ["eval", str(topk), "--router-threshold"])
+    assert r.exit_code == 2 and "--router-threshold" in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    r = runner.invoke(app, ["eval", str(out), "--data", "pydoc:heldout", "--tokens", "512", "--seq-len", "32",
+                            "--router-top-k", "--active", "0.75", "--json", str(js), "--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(js.read_text())["moe"]["active_ffn_share"] <= 0.75  # the same top-k everywhere: within the share
     mlp = tmp_path / "mlp"
     r = runner.invoke(app, ["convert", "--model", str(tiny_folder), "--out", str(mlp), *FAST, "--router", "similarity", "--no-eval"])
     assert r.exit_code == 0, r.output

@@ -275,6 +275,7 @@ def test_sketched_experts_convert_save_and_reload_exactly(tokenizer, tmp_path, i
     torch.testing.assert_close(outputs(reloaded.model, ids), expected, atol=0, rtol=0)
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
     torch.testing.assert_close(outputs(hf, ids), expected, atol=1e-4, rtol=1e-4)  # the torch paths, not the kernels
+    assert layer.thresholded and reloaded.layers[0].thresholds() == layer.thresholds()  # the default selection
     k, k_b = layer.top_k, layer.approx_k
     reloaded.set_router_approx(0.0)  # the recorded share is applied again: all of it to exact experts
     assert reloaded.layers[0].approx_k == 0 and reloaded.layers[0].top_k > k
@@ -298,3 +299,22 @@ def test_sketch_conversions_get_sketched_experts_by_default():
         MoEConfig(router="sketch", active=None, tau=0.5, router_approx=0.3).validate()
     with pytest.raises(ConfigError, match=r"\[0, 1\)"):
         MoEConfig(router="sketch", router_approx=1.0).validate()
+
+
+def test_sketch_thresholds_by_default_and_their_errors(tokenizer):
+    """Unset, a sketch router selects by score thresholds with a fixed top-k and by dynamic-k with
+    tau; --router-top-k converts without them, and they cannot be switched on after."""
+    from moefy.routing import router_spec
+
+    assert router_spec("sketch", MoEConfig(router="sketch", active=0.5))["options"]["threshold"] is True
+    assert router_spec("sketch", MoEConfig(router="sketch", active=None, tau=0.5))["options"]["threshold"] is False
+    with pytest.raises(ConfigError, match="fixed top-k"):
+        MoEConfig(router="sketch", active=None, tau=0.5, router_threshold=True).validate()
+    with pytest.raises(ConfigError, match="sketch"):
+        MoEConfig(router="mlp", router_threshold=True).validate()
+    m = moefy.convert(tiny_model("llama"), moe=fast_cfg(router="sketch", num_experts=64, shared=0.0,
+                                                        router_threshold=False), data=DATA, tokenizer=tokenizer)
+    assert not any(layer.thresholded or layer.router.grid for layer in m.layers)
+    with pytest.raises(ConfigError, match="no fitted score quantiles"):
+        m.set_router_threshold(True)
+    m.set_router_threshold(False)  # already so: allowed

@@ -364,3 +364,109 @@ def test_sketch_approx_splits_the_budget():
     _, mlp = make_moe()
     with pytest.raises(ValueError, match="sketch"):
         mlp.set_router_approx(0.2)
+
+
+def thresholded_moe(kind="swiglu", bias=False, shared=0, n=1, reuse=True, approx=0.3, top_k=None):
+    """A sketch-router layer with score thresholds fitted on 400 random calibration tokens."""
+    E = (I - shared) // n
+    _, moe = make_moe(kind, bias, shared, E=E, top_k=top_k or max(1, E // 4), router="sketch", channels=0.25,
+                      reuse=reuse, approx=approx, threshold=True)
+    calib = torch.randn(400, D, generator=torch.Generator().manual_seed(7))
+    moe.fit_score_quantiles(calib)
+    return moe.requires_grad_(False), calib
+
+
+def threshold_reference(moe, x):
+    """The thresholded layer by plain means: the experts scoring >= t_exact computed exactly
+    (forward_reference), plus those in [t_sketched, t_exact) on the input with all but the kept
+    channels zeroed."""
+    scores = moe.router(x)
+    t1, t2 = moe.thresholds()
+    exact = scores >= t1
+    sketched = (scores >= t2) & ~exact
+    kept = x.abs().topk(moe.router.kept, dim=-1).indices
+    masked = torch.zeros_like(x).scatter_(-1, kept, x.gather(-1, kept))
+    outs = moe.expert_outputs(masked)  # [E, T, D]
+    extra = torch.stack([outs[sketched[t], t].sum(0) for t in range(len(x))])
+    return moe.forward_reference(x, exact) + extra, exact, sketched
+
+
+@pytest.mark.parametrize("kind,bias,shared", CASES)
+@pytest.mark.parametrize("n", [1, 6])
+@pytest.mark.parametrize("reuse", [False, True])
+@pytest.mark.parametrize("approx", [0.0, 0.3])
+def test_sketch_threshold_matches_reference(kind, bias, shared, n, reuse, approx, path):
+    """Score thresholds: each token takes the experts above them, a number of its own, on every
+    path (torch, kernels; one token, few, many); the counters count what was computed."""
+    moe, _ = thresholded_moe(kind, bias, shared, n, reuse, approx)
+    assert moe.thresholded
+    x = torch.randn(20, D)
+    for rows in (x, x[:1], x[3:6]):
+        expected, exact, sketched = threshold_reference(moe, rows)
+        moe.reset_counters()
+        torch.testing.assert_close(moe(rows), expected, atol=1e-4, rtol=1e-5)
+        assert moe.experts_selected == exact.sum() and moe.sketched_selected == sketched.sum()
+    counts = threshold_reference(moe, x)[1].sum(1)
+    assert counts.min() < counts.max()  # the count follows the token
+
+
+def test_sketch_threshold_keeps_the_budget_on_calibration_text():
+    """The thresholds are the score quantiles at the top-k's mean counts: on the text they were
+    fitted on, the mean counts are the top-k's and approx_k's, so the FLOPs are the budget's."""
+    for approx in (0.0, 0.3):
+        moe, calib = thresholded_moe(approx=approx, top_k=10)
+        moe.reset_counters()
+        moe(calib)
+        assert moe.mean_k() == pytest.approx(moe.top_k, rel=0.02)
+        assert moe.mean_sketched() == pytest.approx(moe.approx_k, rel=0.02, abs=0.05)
+        assert moe.flops_per_token(moe.mean_k(), moe.mean_sketched()) == pytest.approx(
+            moe.flops_per_token(moe.top_k), rel=0.02)
+        moe.set_selection(20, None)  # a new budget moves the thresholds: no refit needed
+        moe.reset_counters()
+        moe(calib)
+        assert moe.mean_k() == pytest.approx(20, rel=0.02)
+
+
+def test_sketch_threshold_state_and_switches():
+    moe, calib = thresholded_moe(top_k=10)
+    fresh = MoEFFN(moe.spec)  # the grid is in the spec, the quantiles in the state dict
+    fresh.load_state_dict(moe.state_dict())
+    assert fresh.thresholded and fresh.thresholds() == moe.thresholds()
+    x = torch.randn(5, D)
+    torch.testing.assert_close(fresh(x), moe(x))
+    # between two channel counts of the grid the thresholds lie between theirs
+    grid = moe.router.grid
+    assert moe.router.kept in grid and all(c in grid for c in (1, 5, 24))  # 0.05, 0.2, 1.0 of D = 24
+    moe.set_router_channels(0.3)  # 7 channels: between 6 (0.25) and 8 (0.35)
+    t = moe.thresholds()[0]
+    bounds = []
+    for share in (0.25, 0.35):
+        moe.set_router_channels(share)
+        bounds.append(moe.thresholds()[0])
+    assert min(bounds) <= t <= max(bounds)
+    moe.set_router_threshold(False)  # back to the same top-k for every token
+    assert not moe.thresholded and moe.spec["router"]["options"]["threshold"] is False
+    moe.set_router_threshold(True)
+    moe.set_selection(None, 0.5)  # dynamic-k replaces the thresholds
+    assert not moe.thresholded
+    _, plain = make_moe(router="sketch", channels=0.25, E=48, top_k=4)
+    with pytest.raises(ValueError, match="no score quantiles"):
+        plain.set_router_threshold(True)
+    _, mlp = make_moe()
+    with pytest.raises(ValueError, match="sketch"):
+        mlp.set_router_threshold(True)
+    with pytest.raises(ValueError, match="sketch"):
+        mlp.fit_score_quantiles(calib)
+
+
+def test_sketch_threshold_trains_like_inference():
+    """The training path selects by the same thresholds, and its gradients reach the experts."""
+    moe, _ = thresholded_moe(top_k=10)
+    x = torch.randn(6, D)
+    with torch.no_grad():
+        expected, _, _ = threshold_reference(moe, x)
+    moe.requires_grad_(True)
+    y = moe(x)
+    torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-5)
+    y.square().sum().backward()
+    assert moe.w_in.grad.abs().sum() > 0 and moe.w_out.grad.abs().sum() > 0

@@ -99,11 +99,11 @@ class Kernels:
         self._sketch.restype = None
         self._sketch_experts = lib.moefy_sketch_experts
         self._sketch_experts.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr,
-                                         ptr, c_int, ptr, c_int, i64, ptr, ptr]
+                                         ptr, c_int, ptr, c_int, i64, ptr, ptr, ptr]
         self._sketch_experts.restype = None
         self._sketch_moe = lib.moefy_sketch_moe
         self._sketch_moe.argtypes = [i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr,
-                                     ptr, ptr, ptr, c_int, ptr, c_int]
+                                     ptr, ptr, ptr, c_int, ptr, c_int, ptr, ptr]
         self._sketch_moe.restype = None
         self.weights_key = weights_key
 
@@ -152,37 +152,49 @@ class Kernels:
     def sketch_experts(self, args: "LayerArgs", x: torch.Tensor, kept: torch.Tensor, gp: torch.Tensor,
                        upp: torch.Tensor | None, experts: torch.Tensor,
                        offsets: torch.Tensor | None = None, sketched: torch.Tensor | None = None,
-                       hidden: torch.Tensor | None = None) -> torch.Tensor:
+                       hidden: torch.Tensor | None = None,
+                       sketched_offsets: torch.Tensor | None = None) -> torch.Tensor:
         """The routed experts for x [T, D], completing the sketch's partial sums (`kernels.sketch`
         with partials, on the same x and kept channels [T, c]): each selected neuron adds only the
         channels the sketch did not read. Experts as in `experts`; no shared neurons, no b_out.
         `sketched` [T, KB] (int64) adds those experts with their sketched activations `hidden`
-        [T, E*n] through their down rows alone, in the same accumulation."""
+        [T, E*n] through their down rows alone, in the same accumulation; with
+        `sketched_offsets` [T + 1] it is flat, token t's being sketched[offsets[t]:offsets[t+1]]."""
         y = torch.empty_like(x)
         D, n = args.experts_head
         K = experts.shape[1] if offsets is None else 0
-        KB = 0 if sketched is None else sketched.shape[1]
+        if sketched is None:
+            KB = 0
+        else:
+            KB = int(sketched.numel() > 0) if sketched_offsets is not None else sketched.shape[1]
         if KB:
             sketched, hidden = sketched.contiguous(), hidden.reshape(x.shape[0], -1).contiguous()
         w_in, w_up, b_in, w_out = args.experts_tail[:4]
         self._sketch_experts(x.shape[0], D, n, kept.shape[1], x.data_ptr(), kept.data_ptr(), gp.data_ptr(),
                              _ptr(upp), gp.shape[1], _ptr(offsets), K, experts.data_ptr(), w_in, w_up, b_in, w_out,
                              args.experts_tail[-1], y.data_ptr(), torch.get_num_threads(), KB,
-                             _ptr(sketched if KB else None), _ptr(hidden if KB else None))
+                             _ptr(sketched if KB else None), _ptr(hidden if KB else None),
+                             _ptr(sketched_offsets if KB else None))
         return y
 
     def sketch_moe(self, args: "LayerArgs", x: torch.Tensor, k: int, kept: int, wt_in: torch.Tensor,
-                   wt_up: torch.Tensor | None, out_norms: torch.Tensor, sketched: int = 0) -> torch.Tensor:
-        """The whole layer for a sketch router with reuse over one-neuron experts and a fixed
-        top-k, in one call: kept channels, sketch, scores, top-k, completion, shared neurons
-        (b_out not added); the `sketched` neurons ranked after the k add their sketched
-        activations through their down rows. wt_in / wt_up: the routed weights transposed [D, I]."""
+                   wt_up: torch.Tensor | None, out_norms: torch.Tensor, sketched: int = 0,
+                   thresholds: tuple[float, float] | None = None) -> tuple[torch.Tensor, int, int]:
+        """The whole layer for a sketch router with reuse over one-neuron experts, in one call:
+        kept channels, sketch, scores, selection, completion, shared neurons (b_out not added).
+        Selection: a fixed top-k, with the `sketched` neurons ranked after the k adding their
+        sketched activations through their down rows; or with `thresholds` (t_exact, t_sketched)
+        the neurons scoring >= t_exact exactly and those in [t_sketched, t_exact) sketched.
+        wt_in / wt_up: the routed weights transposed [D, I]. Returns (y, exact neurons, sketched
+        neurons), the counts summed over the tokens."""
         y = torch.empty_like(x)
         w_in, w_up, b_in, w_out, S, s_in, s_up, s_b, s_out, act = args.experts_tail
+        thr = None if thresholds is None else torch.tensor(thresholds, dtype=torch.float32)
+        counts = torch.zeros(2, dtype=torch.int64)
         self._sketch_moe(x.shape[0], x.shape[1], wt_in.shape[1], kept, k, sketched, x.data_ptr(), wt_in.data_ptr(),
                          _ptr(wt_up), b_in, out_norms.data_ptr(), w_in, w_up, w_out, S, s_in, s_up, s_b, s_out, act,
-                         y.data_ptr(), torch.get_num_threads())
-        return y
+                         y.data_ptr(), torch.get_num_threads(), _ptr(thr), counts.data_ptr())
+        return y, int(counts[0]), int(counts[1])
 
     def mlp_moe(self, args: "LayerArgs", x: torch.Tensor, k: int) -> torch.Tensor:
         """The whole layer with its MLP router and fixed top-k, in one call (b_out not added)."""

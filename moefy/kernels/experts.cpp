@@ -428,12 +428,13 @@ void moefy_sketch(int64_t T, int64_t D, int64_t I, int64_t c, const float* x, co
 // gathers ran 1.5x slower than the full dot), so the FLOPs saved are counted, not the time.
 // Pairs as in moefy_experts; no shared neurons; y[T, D] is overwritten. upp / w_up / b_in may be null.
 // Sketched experts (KB > 0): token t also adds the experts extra[t, :KB] with their sketched
-// activations hx[t, e * n + r] ([T, I], from moefy_sketch) through their down rows alone.
+// activations hx[t, e * n + r] ([T, I], from moefy_sketch) through their down rows alone; with
+// off_x [T + 1] (not null) a variable number, extra[off_x[t] : off_x[t + 1]] (KB is then a flag).
 void moefy_sketch_experts(int64_t T, int64_t D, int64_t n, int64_t c, const float* x, const int64_t* kept,
                           const float* gp, const float* upp, int64_t I, const int64_t* off_in, int64_t K,
                           const int64_t* experts, const float* w_in, const float* w_up, const float* b_in,
                           const float* w_out, int act, float* y, int threads, int64_t KB,
-                          const int64_t* extra, const float* hx) {
+                          const int64_t* extra, const float* hx, const int64_t* off_x) {
   std::vector<int64_t> fixed;
   if (!off_in) {
     fixed.resize(T + 1);
@@ -496,9 +497,10 @@ void moefy_sketch_experts(int64_t T, int64_t D, int64_t n, int64_t c, const floa
         const float* ht = h.data() + off[t] * n;
         if (KB) {  // the sketched experts' rows join the same accumulation
           hv.assign(ht, ht + down.size());
-          for (int64_t j = 0; j < KB; ++j)
+          const int64_t x0 = off_x ? off_x[t] : t * KB, x1 = off_x ? off_x[t + 1] : (t + 1) * KB;
+          for (int64_t j = x0; j < x1; ++j)
             for (int64_t r = 0; r < n; ++r) {
-              const int64_t i = extra[t * KB + j] * n + r;
+              const int64_t i = extra[j] * n + r;
               down.push_back(w_out + i * D);
               hv.push_back(hx[t * I + i]);
             }
@@ -518,13 +520,18 @@ extern "C" {
 // (wt_in / wt_up [D, I] transposed), scores |h| x ||w_out row|| (out_norms [I]), its K best
 // neurons, their completion over the channels left (moefy_sketch_experts), plus the S shared
 // neurons. With KB > 0 the KB neurons ranked next add their sketched activations through their
-// down rows (sketched experts). y[T, D] is overwritten; b_out is not added. wt_up / w_up / b_in /
-// s_* may be null.
+// down rows (sketched experts). With thr (not null) the selection is by thresholds instead: a
+// neuron is exact iff its score >= thr[0], sketched iff thr[1] <= score < thr[0] (K and KB are
+// ignored); counts (not null) receives the exact and sketched neurons summed over the tokens.
+// y[T, D] is overwritten; b_out is not added. wt_up / w_up / b_in / s_* may be null.
 void moefy_sketch_moe(int64_t T, int64_t D, int64_t I, int64_t c, int64_t K, int64_t KB, const float* x,
                       const float* wt_in, const float* wt_up, const float* b_in, const float* out_norms,
                       const float* w_in, const float* w_up, const float* w_out, int64_t S, const float* s_in,
-                      const float* s_up, const float* s_b, const float* s_out, int act, float* y, int threads) {
+                      const float* s_up, const float* s_b, const float* s_out, int act, float* y, int threads,
+                      const float* thr, int64_t* counts) {
+  if (thr) K = KB = 0;
   std::vector<int64_t> kept((size_t)T * c), chosen((size_t)T * (K + KB)), exact((size_t)T * K), extra((size_t)T * KB);
+  std::vector<int64_t> off, off_x;
   std::vector<float> h((size_t)T * I), gp((size_t)T * I), upp(wt_up ? (size_t)T * I : 0), sc((size_t)T * I);
   {
     std::vector<int64_t> order(D);
@@ -542,9 +549,29 @@ void moefy_sketch_moe(int64_t T, int64_t D, int64_t I, int64_t c, int64_t K, int
                wt_up ? upp.data() : nullptr, threads);
   for (int64_t t = 0; t < T; ++t)
     for (int64_t i = 0; i < I; ++i) sc[t * I + i] = std::fabs(h[t * I + i]) * out_norms[i];
-  moefy_topk(T, I, K + KB, sc.data(), chosen.data(), threads);
+  if (thr) {  // thresholds: a variable number of exact and sketched neurons per token
+    off.assign(T + 1, 0);
+    off_x.assign(T + 1, 0);
+    for (int64_t t = 0; t < T; ++t) {
+      const float* s = sc.data() + t * I;
+      for (int64_t i = 0; i < I; ++i) {
+        if (s[i] >= thr[0])
+          exact.push_back(i);
+        else if (s[i] >= thr[1])
+          extra.push_back(i);
+      }
+      off[t + 1] = (int64_t)exact.size();
+      off_x[t + 1] = (int64_t)extra.size();
+    }
+    KB = extra.empty() ? 0 : 1;
+  } else
+    moefy_topk(T, I, K + KB, sc.data(), chosen.data(), threads);
+  if (counts) {
+    counts[0] = thr ? off[T] : T * K;
+    counts[1] = thr ? off_x[T] : T * KB;
+  }
   // The K best of each token's K + KB are computed exactly; the KB after them are sketched.
-  for (int64_t t = 0; t < T; ++t) {
+  for (int64_t t = 0; t < T && !thr; ++t) {
     int64_t* ct = chosen.data() + t * (K + KB);
     const float* s = sc.data() + t * I;
     if (KB && K > 0)
@@ -553,8 +580,9 @@ void moefy_sketch_moe(int64_t T, int64_t D, int64_t I, int64_t c, int64_t K, int
     std::copy(ct, ct + K, exact.begin() + t * K);
     std::copy(ct + K, ct + K + KB, extra.begin() + t * KB);
   }
-  moefy_sketch_experts(T, D, 1, c, x, kept.data(), gp.data(), wt_up ? upp.data() : nullptr, I, nullptr, K,
-                       exact.data(), w_in, w_up, b_in, w_out, act, y, threads, KB, extra.data(), h.data());
+  moefy_sketch_experts(T, D, 1, c, x, kept.data(), gp.data(), wt_up ? upp.data() : nullptr, I,
+                       thr ? off.data() : nullptr, K, exact.data(), w_in, w_up, b_in, w_out, act, y, threads, KB,
+                       extra.data(), h.data(), thr ? off_x.data() : nullptr);
   if (!S) return;
   // Shared neurons: activations in chunks of 16 rows across threads, then y += hs . s_out.
   std::vector<float> hs((size_t)T * S);

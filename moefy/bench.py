@@ -111,20 +111,38 @@ def check_parity(m: MoEModel, dense: list[nn.Module], inputs: list[torch.Tensor]
                 raise MoefyError(f"parity check failed in layer {i}: all-experts MoE differs from dense by {err:.2e}")
 
 
+FFN_SLICES = 16  # distinct inputs the FFN benchmarks cycle through, call after call
+
+
 @torch.no_grad()
 def bench_ffn(m: MoEModel, inputs, tokens: int, layers: int | None, **timing) -> dict:
-    """A stack of FFN layers (each on its own input) timed dense vs MoE; also the router alone."""
+    """A stack of FFN layers (each on its own input) timed dense vs MoE; also the router alone.
+    Successive calls take successive slices of `tokens` tokens (up to FFN_SLICES spread over the
+    inputs, cycling), the same on both sides: a router whose count varies by token (score thresholds) is timed on a
+    spread of tokens, not on one."""
     moe = m.layers[:layers] if layers else m.layers
     dense = [DenseFFNModule(layer) for layer in moe]
-    xs = [x[:tokens] for x in inputs[:len(moe)]]
-    check_parity(m, dense, xs)
+    inputs = inputs[:len(moe)]
+    n = min(len(x) for x in inputs)
+    slices = max(1, min(FFN_SLICES, n // tokens))
+    stride = n // slices  # slices spread over the captured text, each centred in its stretch
+    starts = [j * stride + (stride - tokens) // 2 for j in range(slices)]
+    stacks = [[x[a:a + tokens] for x in inputs] for a in starts]
+    check_parity(m, dense, stacks[0])
     for layer in moe:
         layer.reset_counters()
-    t = compare(lambda: [d(x) for d, x in zip(dense, xs)], lambda: [l(x) for l, x in zip(moe, xs)], **timing)
-    router = compare(lambda: None, lambda: [l.routing_step(x) for l, x in zip(moe, xs)], **timing)
+
+    def cycle(run):
+        calls = iter(range(1 << 62))
+        return lambda: run(stacks[next(calls) % slices])
+
+    t = compare(cycle(lambda xs: [d(x) for d, x in zip(dense, xs)]), cycle(lambda xs: [l(x) for l, x in zip(moe, xs)]),
+                **timing)
+    router = compare(lambda: None, cycle(lambda xs: [l.routing_step(x) for l, x in zip(moe, xs)]), **timing)
     out = t.summary()
-    out.update(tokens=tokens, layers=len(moe), router_ms=router.summary()["moe_ms"],
-               mean_k=sum(l.mean_k() for l in moe) / len(moe))
+    out.update(tokens=tokens, slices=slices, layers=len(moe), router_ms=router.summary()["moe_ms"],
+               mean_k=sum(l.mean_k() for l in moe) / len(moe),
+               mean_sketched=sum(l.mean_sketched() for l in moe) / len(moe))
     return out
 
 

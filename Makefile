@@ -30,7 +30,7 @@ $(OLDEST)/ready: $(BIN)/moefy
 setup: $(BIN)/moefy
 
 demo: setup
-	$(BIN)/moefy convert --out runs/smol-moe --overwrite
+	$(BIN)/moefy convert --router sketch --experts 1536 --shared 0 --out runs/smol-moe --overwrite
 
 test: setup $(OLDEST)/ready
 	$(BIN)/python -m pytest -q

@@ -26,7 +26,6 @@ import time
 
 import torch
 
-from moefy import data as data_mod
 from moefy.moe_layer import ACTIVATIONS, MoEFFN
 
 import study
@@ -119,14 +118,9 @@ def main():
                     help="`tier`: this share of the exact neurons' budget goes to sketched neurons (down only)")
     ap.add_argument("--beta", type=float, nargs="+", default=[1.0], help="`tier`: scale of the sketched activations")
     ap.add_argument("--ridge", type=float, default=1e-3)
-    ap.add_argument("--calib-tokens", type=int, default=8192)
-    ap.add_argument("--tokens", type=int, default=2048)
-    ap.add_argument("--data", default="wiki-sample:heldout")
-    ap.add_argument("--out", required=True)
+    study.add_data_args(ap, calib_tokens=8192)
     args = ap.parse_args()
-    loaded, heldout, dense = study.smollm(args.data, args.tokens)
-    calib = data_mod.blocks("wiki-sample:calib", loaded.tokenizer, 256, max_tokens=args.calib_tokens)
-    m = study.sketch_model(loaded)
+    loaded, heldout, dense, calib, m = study.sketch_setup(args)
     m.set_active(args.active)
     rows = []
     for kind in args.kinds:

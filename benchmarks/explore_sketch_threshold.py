@@ -24,7 +24,6 @@ import math
 
 import torch
 
-from moefy import data as data_mod
 from moefy.moe_layer import ACTIVATIONS, MoEFFN
 
 import study
@@ -95,14 +94,9 @@ def main():
     ap.add_argument("--approx", type=float, nargs="+", default=[0.0, 0.3],
                     help="share of the exact neurons' budget given to sketched neurons")
     ap.add_argument("--modes", nargs="+", default=["topk", "abs", "rel"])
-    ap.add_argument("--calib-tokens", type=int, default=4096)
-    ap.add_argument("--tokens", type=int, default=2048)
-    ap.add_argument("--data", default="wiki-sample:heldout")
-    ap.add_argument("--out", required=True)
+    study.add_data_args(ap, calib_tokens=4096)
     args = ap.parse_args()
-    loaded, heldout, dense = study.smollm(args.data, args.tokens)
-    calib = data_mod.blocks("wiki-sample:calib", loaded.tokenizer, 256, max_tokens=args.calib_tokens)
-    m = study.sketch_model(loaded)
+    loaded, heldout, dense, calib, m = study.sketch_setup(args)
     rows = []
     for active in args.active:
         m.set_active(active)

@@ -38,6 +38,22 @@ def sketch_model(loaded, experts: int = 1536, shared: float = 0.0, reuse: bool =
                    router_approx=approx)
 
 
+def add_data_args(ap, calib_tokens: int):
+    """The data options the masked studies share: --calib-tokens, --tokens, --data, --out."""
+    ap.add_argument("--calib-tokens", type=int, default=calib_tokens)
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--data", default="wiki-sample:heldout")
+    ap.add_argument("--out", required=True)
+
+
+def sketch_setup(args):
+    """(loaded SmolLM2, held-out blocks, dense perplexity, calibration blocks, sketch model) for
+    the options of add_data_args; calibration is wiki-sample:calib."""
+    loaded, heldout, dense = smollm(args.data, args.tokens)
+    calib = data_mod.blocks("wiki-sample:calib", loaded.tokenizer, 256, max_tokens=args.calib_tokens)
+    return loaded, heldout, dense, calib, sketch_model(loaded)
+
+
 def timed_perplexity(model, heldout) -> tuple[float, float]:
     """(perplexity, seconds) of model on the held-out blocks."""
     start = time.time()

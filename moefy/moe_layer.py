@@ -626,10 +626,9 @@ class MoEFFN(nn.Module):
                 return kern.mlp_moe(args, x, self.top_k)
             y = kern.experts(args, x, kern.topk(self._rank_scores(x), self.top_k), shared=few)
         else:
-            mask = select_experts(self._scores(x), self.top_k, self.tau)
-            experts = mask.nonzero()[:, 1].contiguous()
+            experts, offsets = _flat(select_experts(self._scores(x), self.top_k, self.tau))
             self.experts_selected += len(experts)
-            y = kern.experts(args, x, experts, F.pad(mask.sum(1).cumsum(0), (1, 0)), shared=few)
+            y = kern.experts(args, x, experts, offsets, shared=few)
         return y if few or self.shared_in is None else y + self._shared(x)
 
     def _sketch_kernel(self, kern, args, x):
@@ -646,8 +645,14 @@ class MoEFFN(nn.Module):
             self.sketched_selected += sketched
             return y
         scores, h, (kept, gp, upp) = self.sketch_norms(x, self.router.kept, partials=True, hidden=True)
-        if thresholds is not None:
-            exact, sketched = self._threshold_masks(scores)
+        if thresholds is None and self.tau is None:
+            exact, sketched = self._tiers(scores, kern) if kb else (kern.topk(scores, self.top_k), None)
+            self.experts_selected += x.shape[0] * self.top_k
+            self.sketched_selected += x.shape[0] * kb
+            y = kern.sketch_experts(args, x, kept, gp, upp, exact.contiguous(), sketched=sketched, hidden=h)
+        else:  # a number of experts per token of its own: score thresholds or dynamic-k
+            exact, sketched = (self._threshold_masks(scores) if thresholds is not None else
+                               (select_experts(scores, self.top_k, self.tau), None))
             experts, offsets = _flat(exact)
             self.experts_selected += len(experts)
             extra = {}
@@ -656,16 +661,6 @@ class MoEFFN(nn.Module):
                 self.sketched_selected += len(ids)
                 extra = dict(sketched=ids, sketched_offsets=offs, hidden=h)
             y = kern.sketch_experts(args, x, kept, gp, upp, experts, offsets, **extra)
-        elif self.tau is None:
-            exact, sketched = self._tiers(scores, kern) if kb else (kern.topk(scores, self.top_k), None)
-            self.experts_selected += x.shape[0] * self.top_k
-            self.sketched_selected += x.shape[0] * kb
-            y = kern.sketch_experts(args, x, kept, gp, upp, exact.contiguous(), sketched=sketched, hidden=h)
-        else:
-            mask = select_experts(scores, self.top_k, self.tau)
-            experts = mask.nonzero()[:, 1].contiguous()
-            self.experts_selected += len(experts)
-            y = kern.sketch_experts(args, x, kept, gp, upp, experts, F.pad(mask.sum(1).cumsum(0), (1, 0)))
         return y if self.shared_in is None else y + self._shared(x)
 
     def _masked(self, x):

@@ -197,3 +197,23 @@ def test_cli_tune_then_eval_against_the_source(tiny_folder, tmp_path):
     assert r.exit_code == 2 and "must differ" in r.output
     r = runner.invoke(app, ["tune", str(run), "--out", str(tmp_path / "r"), "--tokens", "4096", "--routers"])
     assert r.exit_code == 2 and "mlp routers" in r.output and not (tmp_path / "r").exists()
+
+
+def test_score_thresholds_are_fitted_again_after_tuning(tokenizer):
+    """A sketch model with score thresholds (the default): tuning selects by them, and at the end
+    fits each layer's score quantiles again on the tuned model's own inputs, so the thresholds
+    give the budget's mean counts with the tuned weights."""
+    m = moefy.convert(tiny_model("llama"), moe=MoEConfig(num_experts=64, active=0.5, shared=0.0, router="sketch"),
+                      data=DATA, tokenizer=tokenizer)
+    assert all(layer.thresholded for layer in m.layers)
+    before = [layer.thresholds() for layer in m.layers]
+    record = tune(m, cfg(tokens=64 * 6, lr=1e-2))
+    assert record["score_quantiles_refit_tokens"] > 0
+    assert [layer.thresholds() for layer in m.layers] != before
+    blocks = moefy.data.blocks("pydoc:calib", tokenizer, 32, max_tokens=1024)
+    for layer in m.layers:
+        layer.reset_counters()
+    with torch.no_grad():
+        m.model(input_ids=blocks)
+    for layer in m.layers:  # the refit read these tokens: the mean counts are the targets
+        assert layer.mean_k() == pytest.approx(layer.top_k, rel=0.05)

@@ -13,6 +13,7 @@ on real FFN inputs captured from held-out text.
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 import platform
 import resource
@@ -133,7 +134,7 @@ def bench_ffn(m: MoEModel, inputs, tokens: int, layers: int | None, **timing) ->
         layer.reset_counters()
 
     def cycle(run):
-        calls = iter(range(1 << 62))
+        calls = itertools.count()
         return lambda: run(stacks[next(calls) % slices])
 
     t = compare(cycle(lambda xs: [d(x) for d, x in zip(dense, xs)]), cycle(lambda xs: [l(x) for l, x in zip(moe, xs)]),

@@ -9,6 +9,7 @@ This file imports torch only: it is copied into every saved moefy folder so that
 
 from __future__ import annotations
 
+import bisect
 import math
 
 import torch
@@ -178,9 +179,7 @@ class SketchRouter(nn.Module):
     def set_quantiles(self, grid: list, quantiles: torch.Tensor):
         """Score quantiles [len(grid), SCORE_QUANTILES + 1] at the channel counts `grid` (ascending)."""
         self.grid = [int(c) for c in grid]
-        if "quantiles" in self._buffers:
-            del self._buffers["quantiles"]
-        self.register_buffer("quantiles", quantiles.float().contiguous())
+        self.register_buffer("quantiles", quantiles.float().contiguous())  # replaces any earlier one
 
     def thresholds(self, exact: float, total: float) -> tuple[float, float]:
         """The scores above which `exact` experts and `exact + sketched` experts (`total`) are found
@@ -190,11 +189,8 @@ class SketchRouter(nn.Module):
             raise ValueError("this sketch router has no score quantiles (fit them: MoEFFN.fit_score_quantiles)")
         E = self.shape[0]
         grid = self.grid
-        j = min(range(len(grid)), key=lambda i: (abs(grid[i] - self.kept), grid[i]))
-        lo = hi = j
-        if grid[j] != self.kept:
-            lo, hi = (j - 1, j) if grid[j] > self.kept else (j, j + 1)
-            lo, hi = max(lo, 0), min(hi, len(grid) - 1)
+        hi = min(bisect.bisect_left(grid, self.kept), len(grid) - 1)  # the grid counts around kept
+        lo = hi if grid[hi] <= self.kept else max(hi - 1, 0)
 
         def at(row: int, count: float) -> float:
             level = min(max(1.0 - count / E, 0.0), 1.0) * SCORE_QUANTILES

@@ -4,6 +4,12 @@ Shows where each path wins (MoEFFN takes the kernels whenever they are available
 run (dense and MoE interleaved in one process, router included, 1 thread):
 
     python benchmarks/kernel_paths.py runs/smol-384 --active 0.5 0.25 --tokens 1 8 64 256 2048 --out F.json
+
+For a sketch-router model, `gemm` times MoEFFN._sketch_gemm at every size, and `kernels` / `torch`
+never take it (the model's paths switch to it from moe_layer.SKETCH_GEMM_MIN_TOKENS tokens):
+
+    python benchmarks/kernel_paths.py runs/smol-sketch-thr --active 0.5 --paths kernels gemm \
+        --tokens 16 32 64 128 256 2048 --out benchmarks/results/sketch_prefill.json
 """
 import argparse
 import json
@@ -19,7 +25,7 @@ p.add_argument("run")
 p.add_argument("--active", type=float, nargs="+", default=[0.5, 0.25])
 p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 256, 2048])
 p.add_argument("--threads", type=int, default=1)
-p.add_argument("--paths", nargs="+", default=["kernels", "torch"], choices=["kernels", "torch"])
+p.add_argument("--paths", nargs="+", default=["kernels", "torch"], choices=["kernels", "torch", "gemm"])
 p.add_argument("--torch-max-tokens", type=int, default=64, help="skip the torch path above this (minutes per row)")
 p.add_argument("--out")
 args = p.parse_args()
@@ -29,6 +35,7 @@ blocks = moefy.data.blocks("wiki-sample:heldout", m.tokenizer, seq_len=256, max_
 with m.all_experts():
     inputs = m.layer_inputs(blocks)
 kernels = moe_layer._kernels()
+gemm_from = moe_layer.SKETCH_GEMM_MIN_TOKENS
 rows = []
 for active in args.active:
     m.set_active(active)
@@ -38,12 +45,14 @@ for active in args.active:
         for path in args.paths:
             if path == "torch" and tokens > args.torch_max_tokens:
                 continue
-            moe_layer._KERNELS = kernels if path == "kernels" else None
+            moe_layer._KERNELS = None if path == "torch" else kernels
+            moe_layer.SKETCH_GEMM_MIN_TOKENS = 1 if path == "gemm" else 1 << 62
             r = bench_ffn(m, inputs, tokens, layers, warmup=3, iters=iters, rounds=3)
             row = dict(active=active, tokens=tokens, path=path, layers=r["layers"], dense_ms=r["dense_ms"],
                        moe_ms=r["moe_ms"], ratio=r["ratio"], router_ms=r["router_ms"], mean_k=r["mean_k"])
             rows.append(row)
             print(json.dumps(row), flush=True)
 moe_layer._KERNELS = kernels
+moe_layer.SKETCH_GEMM_MIN_TOKENS = gemm_from
 if args.out:
     moefy.io.write_json(args.out, {"run": args.run, "environment": environment(args.threads), "rows": rows})

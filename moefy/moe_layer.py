@@ -258,6 +258,11 @@ def select_experts(scores: torch.Tensor, top_k: int | None, tau: float | None) -
 # torch's GEMM is faster for those dense products. The routed experts always go to the kernels:
 # they beat the torch paths at every size measured (benchmarks/kernel_paths.py, BENCHMARKS.md).
 KERNEL_FUSED_MAX_TOKENS = 16
+# Tokens per call from which a sketch router's layer runs as GEMMs (MoEFFN._sketch_gemm): every
+# routed neuron's exact gate and up in one product, the selection masked into one down product.
+# It computes more FLOPs than the gathers, but a GEMM's rate beats per-token gathers from about
+# this many tokens on (benchmarks/sketch_prefill.py, BENCHMARKS.md).
+SKETCH_GEMM_MIN_TOKENS = 32
 _KERNELS: object = False
 
 
@@ -271,6 +276,15 @@ def _kernels():
         else:
             _KERNELS = load()
     return _KERNELS
+
+
+def kept_channels(x: torch.Tensor, kept: int) -> torch.Tensor:
+    """The `kept` input channels of largest |x| of each token [T, kept] (unordered): a sketch
+    router's channels. The kernels' selection, when they can take x, is twice torch.topk's speed."""
+    kern = _kernels()
+    if kern is not None and x.dtype == torch.float32 and x.device.type == "cpu" and not x.requires_grad:
+        return kern.topk(x.abs(), kept)
+    return x.abs().topk(kept, dim=-1).indices
 
 
 def _flat(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -576,6 +590,9 @@ class MoEFFN(nn.Module):
         T = x.shape[0]
         if torch.is_grad_enabled() and self.w_in.requires_grad:
             return self._masked(x)
+        if T >= SKETCH_GEMM_MIN_TOKENS and isinstance(self.router, SketchRouter) and not self.oracle \
+                and self.router_input == "own":
+            return self._sketch_gemm(x)
         kern = _kernels()
         if kern is not None and x.dtype == torch.float32 and x.device.type == "cpu" and not (
                 torch.is_grad_enabled() and x.requires_grad):
@@ -657,6 +674,36 @@ class MoEFFN(nn.Module):
                 self.sketched_selected += len(ids)
                 extra = dict(sketched=ids, sketched_offsets=offs, hidden=h)
             y = kern.sketch_experts(args, x, kept, gp, upp, experts, offsets, **extra)
+        return y if self.shared_in is None else y + self._shared(x)
+
+    @torch.no_grad()
+    def _sketch_gemm(self, x):
+        """Inference of a sketch router's layer at many tokens (prefill, evaluation) as three
+        GEMMs: the sketch on the masked inputs, every routed neuron's exact activations, and the
+        down projection of the selected ones (exact) and the sketched ones, the rest zeroed. The
+        same function as the other paths (up to rounding), and the same counts: the FLOP share
+        reported is the selection's, although this path computes about 5/3 of the dense FFN, at
+        a GEMM's rate, which beats gathering the selected rows per token once there are many."""
+        E, n, D = self.w_in.shape
+        T = x.shape[0]
+        hs = self._sketch_hidden(x, kept_channels(x, self.router.kept))[0].view(T, E, n)
+        scores = self._sketch_scores(hs)
+        sketched = None
+        if self.thresholded:
+            exact, sketched = self._threshold_masks(scores)
+        elif self._approx_on() and self.tau is None:
+            first, second = self._tiers(scores)
+            exact = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, first, True)
+            sketched = torch.zeros_like(exact).scatter_(1, second, True)
+        else:
+            exact = select_experts(scores, self.top_k, self.tau)
+        self.tokens_seen += T
+        self.experts_selected += int(exact.sum())
+        h = self.hidden_all(x).view(T, E, n) * exact.unsqueeze(-1)
+        if sketched is not None:
+            self.sketched_selected += int(sketched.sum())
+            h += hs * sketched.unsqueeze(-1)
+        y = h.flatten(1) @ self.w_out.flatten(0, 1)
         return y if self.shared_in is None else y + self._shared(x)
 
     def _masked(self, x):
@@ -751,7 +798,7 @@ class MoEFFN(nn.Module):
         sums [T, E*n] or None)), the sums before bias and activation, for `kernels.sketch_experts`.
         `hidden`: the sketched activations [T, E, n] come second, (scores, h[, partials])."""
         E, n, D = self.w_in.shape
-        idx = x.abs().topk(kept, dim=-1).indices  # [T, c]
+        idx = kept_channels(x, kept)  # [T, c]
         kern = _kernels()
         few = x.shape[0] <= KERNEL_FUSED_MAX_TOKENS
         if kern is not None and not (x.dtype == self.w_in.dtype == torch.float32 and x.device.type == "cpu" and few):

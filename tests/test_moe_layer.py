@@ -470,3 +470,32 @@ def test_sketch_threshold_trains_like_inference():
     torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-5)
     y.square().sum().backward()
     assert moe.w_in.grad.abs().sum() > 0 and moe.w_out.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind,bias,shared", CASES)
+@pytest.mark.parametrize("n", [1, 6])
+@pytest.mark.parametrize("mode", ["top-k", "tau", "approx", "threshold", "threshold-approx"])
+def test_sketch_gemm_path_matches_reference(kind, bias, shared, n, mode, path):
+    """From SKETCH_GEMM_MIN_TOKENS tokens on, a sketch layer runs as GEMMs (every routed neuron
+    computed, the selection masked into the down product): the same outputs and counts as the
+    plain references, with reuse or without."""
+    T = moe_layer.SKETCH_GEMM_MIN_TOKENS + 6
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(11))
+    for reuse in (False, True):
+        if mode.startswith("threshold"):
+            moe, _ = thresholded_moe(kind, bias, shared, n, reuse, 0.3 if mode.endswith("approx") else 0.0)
+            expected, exact, sketched = threshold_reference(moe, x)
+        else:
+            _, moe = make_moe(kind, bias, shared, E=(I - shared) // n, top_k=2, router="sketch", channels=0.25,
+                              reuse=reuse, approx=0.3 if mode == "approx" else 0.0,
+                              tau=0.5 if mode == "tau" else None)
+            if mode == "approx":
+                expected, exact = sketched_reference(moe, x)
+            else:
+                exact = moe.route(x)
+                expected = moe.forward_reference(x, exact)
+            sketched = torch.zeros_like(exact) if mode != "approx" else None
+        moe.reset_counters()
+        torch.testing.assert_close(moe(x), expected, atol=1e-4, rtol=1e-5)
+        assert moe.experts_selected == exact.sum()
+        assert moe.sketched_selected == (T * moe.approx_k if sketched is None else sketched.sum())

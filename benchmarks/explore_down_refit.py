@@ -1,0 +1,133 @@
+"""A study of the saved sketch model (the weights change, the execution paths do not): refit each
+layer's down rows by ridge regression so that the neurons a token keeps make up for those it drops.
+
+The sketch model's FFN output is sum_j m_j h_j w_j over its selected neurons (h_j exact, or the
+sketch's estimate for a sketched neuron; m_j = 0 for the rest). The dense output is sum_j h_j w_j
+over all of them. With the selection fixed, the down rows W' that bring the first closest to the
+second on calibration text are a least-squares fit, one per layer:
+
+    W' = argmin ||H_m W' - H W||^2 + lam ||W' - W||^2,    H_m = the masked activations [T, N]
+
+The ridge term pulls W' toward W (lam is a share of the mean diagonal of H_m^T H_m). The fit
+sees the sparse model's own inputs: the layers are fitted in order, in one forward pass of the
+calibration text, each on the inputs the layers already refitted before it give.
+
+- `--norms keep`: the sketch still ranks by the original rows' norms (the selection the fit assumed);
+- `--norms refit`: it ranks by the new rows' norms, and the score quantiles are fitted again.
+
+    python benchmarks/explore_down_refit.py --model runs/smol-sketch-thr --lam 0.01 0.1 \
+        --out benchmarks/results/down_refit.json
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from moefy import data as data_mod
+from moefy import io
+from moefy.evaluate import compute, perplexity
+
+import study
+
+
+def layer_fit(layer, x: torch.Tensor, lam: float) -> torch.Tensor:
+    """The refitted down rows [N, D] of a one-neuron-expert sketch layer on its inputs x [T, D]."""
+    E, n, D = layer.w_in.shape
+    idx = x.abs().topk(layer.router.kept, dim=-1).indices
+    hs = layer._sketch_hidden(x, idx)[0]
+    exact, sketched = layer._threshold_masks(layer._sketch_scores(hs.view(-1, E, n)))
+    h = layer.hidden_all(x)
+    hm = h * exact
+    if sketched is not None:
+        hm = hm + hs * sketched
+    w = layer.w_out[:, 0].double()
+    hm, h = hm.double(), h.double()
+    gram = hm.T @ hm
+    ridge = lam * gram.diagonal().mean()
+    rhs = hm.T @ (h @ w) + ridge * w
+    return torch.linalg.solve(gram + ridge * torch.eye(E, dtype=gram.dtype), rhs).float()
+
+
+def keep_norms(layer, norms: torch.Tensor):
+    """Rank by the original down rows' norms from now on (the cached sketch weights' third item)."""
+    make = type(layer)._sketch_weights.__get__(layer)
+    layer._sketch_weights = lambda: (*make()[:2], norms)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="runs/smol-sketch-thr")
+    ap.add_argument("--active", type=float, nargs="+", default=[0.5, 0.25])
+    ap.add_argument("--approx", type=float, nargs="+", default=[0.3, 0.2], help="one per --active")
+    ap.add_argument("--lam", type=float, nargs="+", default=[0.01, 0.1])
+    ap.add_argument("--norms", nargs="+", default=["keep", "refit"])
+    ap.add_argument("--calib-tokens", type=int, default=16384)
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--data", nargs="+", default=["wiki-sample:heldout", "pydoc:heldout"])
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    m = io.load(args.model)
+    tok = m.tokenizer
+    calib = data_mod.blocks("wiki-sample:calib", tok, 256, max_tokens=args.calib_tokens)
+    sets = {}
+    for d in args.data:
+        blocks = data_mod.blocks(d, tok, 256, max_tokens=args.tokens)
+        with torch.no_grad(), m.all_experts():
+            sets[d] = (blocks, perplexity(m.model, blocks)[0])
+    layers = m.layers
+    originals = [layer.w_out.detach().clone() for layer in layers]
+    rows = []
+
+    def score(row):
+        for d, (blocks, dense) in sets.items():
+            for layer in layers:
+                layer.reset_counters()
+            ppl, seconds = study.timed_perplexity(m.model, blocks)
+            share = compute(m)["active_ffn_share"]
+            rows.append({**row, "data": d, "ppl": ppl, "dense_ppl": dense, "ppl_ratio": ppl / dense,
+                         "active_measured": share, "seconds": seconds})
+            print(rows[-1], flush=True)
+
+    for active, approx in zip(args.active, args.approx):
+        for layer, w in zip(layers, originals):
+            with torch.no_grad():
+                layer.w_out.copy_(w)
+            layer.__dict__.pop("_sketch_weights", None)
+        m.set_router_approx(approx)
+        m.set_active(active)
+        score({"active": active, "approx": approx, "fit": "none"})
+        for lam in args.lam:
+            for norms in args.norms:
+                for layer, w in zip(layers, originals):
+                    with torch.no_grad():
+                        layer.w_out.copy_(w)
+                    layer.__dict__.pop("_sketch_weights", None)
+                    if norms == "keep":
+                        keep_norms(layer, w[:, 0].norm(dim=-1))
+                fitted = []
+
+                def fit(layer, a):
+                    x = a[0].reshape(-1, a[0].shape[-1])
+                    with torch.no_grad():
+                        layer.w_out[:, 0].copy_(layer_fit(layer, x, lam))
+                    fitted.append(x)
+
+                hooks = [layer.register_forward_pre_hook(fit) for layer in layers]
+                try:
+                    with torch.no_grad():
+                        m.model.model(input_ids=calib)  # the base model: no logits for the whole batch
+                finally:
+                    for hk in hooks:
+                        hk.remove()
+                if norms == "refit":
+                    for layer, x in zip(layers, fitted):
+                        layer.fit_score_quantiles(x)
+                fitted.clear()
+                score({"active": active, "approx": approx, "fit": "sequential", "lam": lam, "norms": norms})
+    study.write(args.out, sets[args.data[0]][1], sets[args.data[0]][0], rows, args)
+
+
+if __name__ == "__main__":
+    main()

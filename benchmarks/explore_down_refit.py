@@ -13,7 +13,10 @@ sees the sparse model's own inputs: the layers are fitted in order, in one forwa
 calibration text, each on the inputs the layers already refitted before it give.
 
 - `--norms keep`: the sketch still ranks by the original rows' norms (the selection the fit assumed);
+- `--norms keep-refit`: the same, and the score quantiles are fitted again on the inputs the
+  refitted layers give (the share then stays the budget's);
 - `--norms refit`: it ranks by the new rows' norms, and the score quantiles are fitted again.
+- `--kinds full scale`: every down row fitted freely, or only a factor per row.
 
     python benchmarks/explore_down_refit.py --model runs/smol-sketch-thr --lam 0.01 0.1 \
         --out benchmarks/results/down_refit.json
@@ -22,6 +25,7 @@ calibration text, each on the inputs the layers already refitted before it give.
 from __future__ import annotations
 
 import argparse
+import itertools
 
 import torch
 
@@ -32,8 +36,9 @@ from moefy.evaluate import compute, perplexity
 import study
 
 
-def layer_fit(layer, x: torch.Tensor, lam: float) -> torch.Tensor:
-    """The refitted down rows [N, D] of a one-neuron-expert sketch layer on its inputs x [T, D]."""
+def layer_fit(layer, x: torch.Tensor, lam: float, kind: str = "full") -> torch.Tensor:
+    """The refitted down rows [N, D] of a one-neuron-expert sketch layer on its inputs x [T, D]:
+    `full` fits every row freely, `scale` only one factor per row (ridge toward 1)."""
     E, n, D = layer.w_in.shape
     idx = x.abs().topk(layer.router.kept, dim=-1).indices
     hs = layer._sketch_hidden(x, idx)[0]
@@ -45,6 +50,12 @@ def layer_fit(layer, x: torch.Tensor, lam: float) -> torch.Tensor:
     w = layer.w_out[:, 0].double()
     hm, h = hm.double(), h.double()
     gram = hm.T @ hm
+    if kind == "scale":  # sum_t ||sum_j hm_tj s_j w_j - y_t||^2 in s: Gram (hm) o Gram (w)
+        a = gram * (w @ w.T)
+        b = (hm * (h @ w @ w.T)).sum(0)
+        ridge = lam * a.diagonal().mean()
+        s = torch.linalg.solve(a + ridge * torch.eye(E, dtype=a.dtype), b + ridge)
+        return (s[:, None] * w).float()
     ridge = lam * gram.diagonal().mean()
     rhs = hm.T @ (h @ w) + ridge * w
     return torch.linalg.solve(gram + ridge * torch.eye(E, dtype=gram.dtype), rhs).float()
@@ -63,6 +74,7 @@ def main():
     ap.add_argument("--approx", type=float, nargs="+", default=[0.3, 0.2], help="one per --active")
     ap.add_argument("--lam", type=float, nargs="+", default=[0.01, 0.1])
     ap.add_argument("--norms", nargs="+", default=["keep", "refit"])
+    ap.add_argument("--kinds", nargs="+", default=["full"])
     ap.add_argument("--calib-tokens", type=int, default=16384)
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--data", nargs="+", default=["wiki-sample:heldout", "pydoc:heldout"])
@@ -77,7 +89,18 @@ def main():
         with torch.no_grad(), m.all_experts():
             sets[d] = (blocks, perplexity(m.model, blocks)[0])
     layers = m.layers
-    originals = [layer.w_out.detach().clone() for layer in layers]
+    originals = [(layer.w_out.detach().clone(), layer.router.grid, layer.router.quantiles.clone()) for layer in layers]
+
+    def restore(keep: bool):
+        """The saved model's down rows and score quantiles; `keep`: rank by these rows' norms for good."""
+        for layer, (w, grid, quantiles) in zip(layers, originals):
+            with torch.no_grad():
+                layer.w_out.copy_(w)
+            layer.router.set_quantiles(grid, quantiles.clone())
+            layer.__dict__.pop("_sketch_weights", None)
+            if keep:
+                keep_norms(layer, w[:, 0].norm(dim=-1))
+
     rows = []
 
     def score(row):
@@ -91,41 +114,32 @@ def main():
             print(rows[-1], flush=True)
 
     for active, approx in zip(args.active, args.approx):
-        for layer, w in zip(layers, originals):
-            with torch.no_grad():
-                layer.w_out.copy_(w)
-            layer.__dict__.pop("_sketch_weights", None)
+        restore(False)
         m.set_router_approx(approx)
         m.set_active(active)
         score({"active": active, "approx": approx, "fit": "none"})
-        for lam in args.lam:
-            for norms in args.norms:
-                for layer, w in zip(layers, originals):
-                    with torch.no_grad():
-                        layer.w_out.copy_(w)
-                    layer.__dict__.pop("_sketch_weights", None)
-                    if norms == "keep":
-                        keep_norms(layer, w[:, 0].norm(dim=-1))
-                fitted = []
+        for kind, lam, norms in itertools.product(args.kinds, args.lam, args.norms):
+            restore(norms.startswith("keep"))
+            fitted = []
 
-                def fit(layer, a):
-                    x = a[0].reshape(-1, a[0].shape[-1])
-                    with torch.no_grad():
-                        layer.w_out[:, 0].copy_(layer_fit(layer, x, lam))
-                    fitted.append(x)
+            def fit(layer, a):
+                x = a[0].reshape(-1, a[0].shape[-1])
+                with torch.no_grad():
+                    layer.w_out[:, 0].copy_(layer_fit(layer, x, lam, kind))
+                fitted.append(x)
 
-                hooks = [layer.register_forward_pre_hook(fit) for layer in layers]
-                try:
-                    with torch.no_grad():
-                        m.model.model(input_ids=calib)  # the base model: no logits for the whole batch
-                finally:
-                    for hk in hooks:
-                        hk.remove()
-                if norms == "refit":
-                    for layer, x in zip(layers, fitted):
-                        layer.fit_score_quantiles(x)
-                fitted.clear()
-                score({"active": active, "approx": approx, "fit": "sequential", "lam": lam, "norms": norms})
+            hooks = [layer.register_forward_pre_hook(fit) for layer in layers]
+            try:
+                with torch.no_grad():
+                    m.model.model(input_ids=calib)  # the base model: no logits for the whole batch
+            finally:
+                for hk in hooks:
+                    hk.remove()
+            if norms.endswith("refit"):
+                for layer, x in zip(layers, fitted):
+                    layer.fit_score_quantiles(x)
+            fitted.clear()
+            score({"active": active, "approx": approx, "fit": "sequential", "kind": kind, "lam": lam, "norms": norms})
     study.write(args.out, sets[args.data[0]][1], sets[args.data[0]][0], rows, args)
 
 

@@ -5,8 +5,9 @@ run (dense and MoE interleaved in one process, router included, 1 thread):
 
     python benchmarks/kernel_paths.py runs/smol-384 --active 0.5 0.25 --tokens 1 8 64 256 2048 --out F.json
 
-For a sketch-router model, `gemm` times MoEFFN._sketch_gemm at every size, and `kernels` / `torch`
-never take it (the model's paths switch to it from moe_layer.SKETCH_GEMM_MIN_TOKENS tokens):
+For a sketch-router model, `gemm` times MoEFFN._sketch_gemm (every routed neuron computed, the
+selection masked) at every size, kernels on, and `kernels` / `torch` never take it (the model
+takes it on the torch paths only, from moe_layer.SKETCH_GEMM_MIN_TOKENS tokens):
 
     python benchmarks/kernel_paths.py runs/smol-sketch-thr --active 0.5 --paths kernels gemm \
         --tokens 16 32 64 128 256 2048 --out benchmarks/results/sketch_prefill.json

@@ -258,10 +258,11 @@ def select_experts(scores: torch.Tensor, top_k: int | None, tau: float | None) -
 # torch's GEMM is faster for those dense products. The routed experts always go to the kernels:
 # they beat the torch paths at every size measured (benchmarks/kernel_paths.py, BENCHMARKS.md).
 KERNEL_FUSED_MAX_TOKENS = 16
-# Tokens per call from which a sketch router's layer runs as GEMMs (MoEFFN._sketch_gemm): every
-# routed neuron's exact gate and up in one product, the selection masked into one down product.
-# It computes more FLOPs than the gathers, but a GEMM's rate beats per-token gathers from about
-# this many tokens on (benchmarks/sketch_prefill.py, BENCHMARKS.md).
+# Tokens per call from which a sketch router's layer, on the torch paths (no kernels: no compiler,
+# a GPU, autograd off but weights not fp32 CPU), runs as GEMMs (MoEFFN._sketch_gemm) instead of a
+# loop over its experts: 2.1x the dense time at 64 tokens against 13x for one-neuron experts
+# (benchmarks/kernel_paths.py, BENCHMARKS.md). The kernels never take it: they compute the
+# selected neurons alone, at about the same speed.
 SKETCH_GEMM_MIN_TOKENS = 32
 _KERNELS: object = False
 
@@ -590,9 +591,6 @@ class MoEFFN(nn.Module):
         T = x.shape[0]
         if torch.is_grad_enabled() and self.w_in.requires_grad:
             return self._masked(x)
-        if T >= SKETCH_GEMM_MIN_TOKENS and isinstance(self.router, SketchRouter) and not self.oracle \
-                and self.router_input == "own":
-            return self._sketch_gemm(x)
         kern = _kernels()
         if kern is not None and x.dtype == torch.float32 and x.device.type == "cpu" and not (
                 torch.is_grad_enabled() and x.requires_grad):
@@ -601,6 +599,9 @@ class MoEFFN(nn.Module):
                 if (self._approx_on() or self.thresholded) and not self._sketch_reuse:
                     return self._sparse_approx(x.contiguous(), kern, args)
                 return self._sparse_kernel(kern, args, x.contiguous())
+        if T >= SKETCH_GEMM_MIN_TOKENS and isinstance(self.router, SketchRouter) and not self.oracle \
+                and self.router_input == "own":
+            return self._sketch_gemm(x)
         if self._approx_on() or self.thresholded:
             return self._sparse_approx(x)
         scores = self._scores(x)  # [T, E]
@@ -678,12 +679,12 @@ class MoEFFN(nn.Module):
 
     @torch.no_grad()
     def _sketch_gemm(self, x):
-        """Inference of a sketch router's layer at many tokens (prefill, evaluation) as three
-        GEMMs: the sketch on the masked inputs, every routed neuron's exact activations, and the
-        down projection of the selected ones (exact) and the sketched ones, the rest zeroed. The
-        same function as the other paths (up to rounding), and the same counts: the FLOP share
-        reported is the selection's, although this path computes about 5/3 of the dense FFN, at
-        a GEMM's rate, which beats gathering the selected rows per token once there are many."""
+        """A sketch router's layer at many tokens on the torch paths (no kernels), as three GEMMs:
+        the sketch on the masked inputs, every routed neuron's exact activations, and the down
+        projection of the selected (exact) and sketched ones, the rest zeroed. The same function
+        as the other paths (up to rounding), and the same counts: the FLOP share reported is the
+        selection's, although this path computes about 5/3 of the dense FFN. It does so at a
+        GEMM's rate, where the alternative is a loop over up to thousands of one-neuron experts."""
         E, n, D = self.w_in.shape
         T = x.shape[0]
         hs = self._sketch_hidden(x, kept_channels(x, self.router.kept))[0].view(T, E, n)

@@ -476,9 +476,10 @@ def test_sketch_threshold_trains_like_inference():
 @pytest.mark.parametrize("n", [1, 6])
 @pytest.mark.parametrize("mode", ["top-k", "tau", "approx", "threshold", "threshold-approx"])
 def test_sketch_gemm_path_matches_reference(kind, bias, shared, n, mode, path):
-    """From SKETCH_GEMM_MIN_TOKENS tokens on, a sketch layer runs as GEMMs (every routed neuron
-    computed, the selection masked into the down product): the same outputs and counts as the
-    plain references, with reuse or without."""
+    """From SKETCH_GEMM_MIN_TOKENS tokens on, a sketch layer on the torch paths runs as GEMMs
+    (every routed neuron computed, the selection masked into the down product; the kernels take
+    the same tokens themselves): the same outputs and counts as the plain references, with reuse
+    or without."""
     T = moe_layer.SKETCH_GEMM_MIN_TOKENS + 6
     x = torch.randn(T, D, generator=torch.Generator().manual_seed(11))
     for reuse in (False, True):

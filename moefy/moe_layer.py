@@ -259,8 +259,8 @@ def select_experts(scores: torch.Tensor, top_k: int | None, tau: float | None) -
 # they beat the torch paths at every size measured (benchmarks/kernel_paths.py, BENCHMARKS.md).
 KERNEL_FUSED_MAX_TOKENS = 16
 # Tokens per call from which a sketch router's layer, on the torch paths (no kernels: no compiler,
-# a GPU, autograd off but weights not fp32 CPU), runs as GEMMs (MoEFFN._sketch_gemm) instead of a
-# loop over its experts: 2.1x the dense time at 64 tokens against 13x for one-neuron experts
+# MOEFY_KERNELS=0, a GPU, weights other than fp32, a folder loaded by plain transformers, inputs
+# that carry gradients), runs as GEMMs (MoEFFN._sketch_gemm) instead of a loop over its experts: 2.1x the dense time at 64 tokens against 13x for one-neuron experts
 # (benchmarks/kernel_paths.py, BENCHMARKS.md). The kernels never take it: they compute the
 # selected neurons alone, at about the same speed.
 SKETCH_GEMM_MIN_TOKENS = 32
@@ -677,7 +677,6 @@ class MoEFFN(nn.Module):
             y = kern.sketch_experts(args, x, kept, gp, upp, experts, offsets, **extra)
         return y if self.shared_in is None else y + self._shared(x)
 
-    @torch.no_grad()
     def _sketch_gemm(self, x):
         """A sketch router's layer at many tokens on the torch paths (no kernels), as three GEMMs:
         the sketch on the masked inputs, every routed neuron's exact activations, and the down
@@ -703,7 +702,7 @@ class MoEFFN(nn.Module):
         h = self.hidden_all(x).view(T, E, n) * exact.unsqueeze(-1)
         if sketched is not None:
             self.sketched_selected += int(sketched.sum())
-            h += hs * sketched.unsqueeze(-1)
+            h = h + hs * sketched.unsqueeze(-1)
         y = h.flatten(1) @ self.w_out.flatten(0, 1)
         return y if self.shared_in is None else y + self._shared(x)
 

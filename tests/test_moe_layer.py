@@ -500,3 +500,14 @@ def test_sketch_gemm_path_matches_reference(kind, bias, shared, n, mode, path):
         torch.testing.assert_close(moe(x), expected, atol=1e-4, rtol=1e-5)
         assert moe.experts_selected == exact.sum()
         assert moe.sketched_selected == (T * moe.approx_k if sketched is None else sketched.sum())
+
+
+def test_sketch_gemm_path_passes_gradients_to_its_input():
+    """A frozen sketch layer inside a model whose other parts train: its input's gradient is the
+    reference's (the masks carry none; the exact and sketched activations do)."""
+    moe, _ = thresholded_moe()
+    x = torch.randn(moe_layer.SKETCH_GEMM_MIN_TOKENS + 2, D, requires_grad=True)
+    moe(x).square().sum().backward()  # inputs with gradients: the torch paths, as GEMMs here
+    ref = x.detach().clone().requires_grad_(True)
+    threshold_reference(moe, ref)[0].square().sum().backward()
+    torch.testing.assert_close(x.grad, ref.grad, atol=1e-3, rtol=1e-4)

@@ -5,9 +5,9 @@ run (dense and MoE interleaved in one process, router included, 1 thread):
 
     python benchmarks/kernel_paths.py runs/smol-384 --active 0.5 0.25 --tokens 1 8 64 256 2048 --out F.json
 
-For a sketch-router model, `gemm` times MoEFFN._sketch_gemm (every routed neuron computed, the
-selection masked) at every size, kernels on, and `kernels` / `torch` never take it (the model
-takes it on the torch paths only, from moe_layer.SKETCH_GEMM_MIN_TOKENS tokens):
+For a sketch-router model, `gemm` times the torch paths' GEMMs (MoEFFN._masked: every routed
+neuron computed, the selection masked) at every size, and `kernels` / `torch` never take them
+(the model takes them on the torch paths only, from moe_layer.SKETCH_GEMM_MIN_TOKENS tokens):
 
     python benchmarks/kernel_paths.py runs/smol-sketch-thr --active 0.5 --paths kernels gemm \
         --tokens 16 32 64 128 256 2048 --out benchmarks/results/sketch_prefill.json
@@ -46,7 +46,7 @@ for active in args.active:
         for path in args.paths:
             if path == "torch" and tokens > args.torch_max_tokens:
                 continue
-            moe_layer._KERNELS = None if path == "torch" else kernels
+            moe_layer._KERNELS = kernels if path == "kernels" else None
             moe_layer.SKETCH_GEMM_MIN_TOKENS = 1 if path == "gemm" else 1 << 62
             r = bench_ffn(m, inputs, tokens, layers, warmup=3, iters=iters, rounds=3)
             row = dict(active=active, tokens=tokens, path=path, layers=r["layers"], dense_ms=r["dense_ms"],

@@ -260,9 +260,10 @@ def select_experts(scores: torch.Tensor, top_k: int | None, tau: float | None) -
 KERNEL_FUSED_MAX_TOKENS = 16
 # Tokens per call from which a sketch router's layer, on the torch paths (no kernels: no compiler,
 # MOEFY_KERNELS=0, a GPU, weights other than fp32, a folder loaded by plain transformers, inputs
-# that carry gradients), runs as GEMMs (MoEFFN._sketch_gemm) instead of a loop over its experts: 2.1x the dense time at 64 tokens against 13x for one-neuron experts
-# (benchmarks/kernel_paths.py, BENCHMARKS.md). The kernels never take it: they compute the
-# selected neurons alone, at about the same speed.
+# that carry gradients), runs as GEMMs (MoEFFN._masked) instead of a loop over its experts: 2.1x
+# the dense time at 64 tokens against 12x for one-neuron experts (benchmarks/kernel_paths.py,
+# BENCHMARKS.md). The kernels never take it: they compute the selected neurons alone, at about
+# the same speed.
 SKETCH_GEMM_MIN_TOKENS = 32
 _KERNELS: object = False
 
@@ -601,7 +602,7 @@ class MoEFFN(nn.Module):
                 return self._sparse_kernel(kern, args, x.contiguous())
         if T >= SKETCH_GEMM_MIN_TOKENS and isinstance(self.router, SketchRouter) and not self.oracle \
                 and self.router_input == "own":
-            return self._sketch_gemm(x)
+            return self._masked(x)
         if self._approx_on() or self.thresholded:
             return self._sparse_approx(x)
         scores = self._scores(x)  # [T, E]
@@ -677,55 +678,29 @@ class MoEFFN(nn.Module):
             y = kern.sketch_experts(args, x, kept, gp, upp, experts, offsets, **extra)
         return y if self.shared_in is None else y + self._shared(x)
 
-    def _sketch_gemm(self, x):
-        """A sketch router's layer at many tokens on the torch paths (no kernels), as three GEMMs:
-        the sketch on the masked inputs, every routed neuron's exact activations, and the down
-        projection of the selected (exact) and sketched ones, the rest zeroed. The same function
-        as the other paths (up to rounding), and the same counts: the FLOP share reported is the
-        selection's, although this path computes about 5/3 of the dense FFN. It does so at a
-        GEMM's rate, where the alternative is a loop over up to thousands of one-neuron experts."""
-        E, n, D = self.w_in.shape
-        T = x.shape[0]
-        hs = self._sketch_hidden(x, kept_channels(x, self.router.kept))[0].view(T, E, n)
-        scores = self._sketch_scores(hs)
-        sketched = None
-        if self.thresholded:
-            exact, sketched = self._threshold_masks(scores)
-        elif self._approx_on() and self.tau is None:
-            first, second = self._tiers(scores)
-            exact = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, first, True)
-            sketched = torch.zeros_like(exact).scatter_(1, second, True)
-        else:
-            exact = select_experts(scores, self.top_k, self.tau)
-        self.tokens_seen += T
-        self.experts_selected += int(exact.sum())
-        h = self.hidden_all(x).view(T, E, n) * exact.unsqueeze(-1)
-        if sketched is not None:
-            self.sketched_selected += int(sketched.sum())
-            h = h + hs * sketched.unsqueeze(-1)
-        y = h.flatten(1) @ self.w_out.flatten(0, 1)
-        return y if self.shared_in is None else y + self._shared(x)
-
     def _masked(self, x):
-        """Training path (recovery tuning, moefy.tuning): the same function as the sparse paths,
-        computed as every routed neuron with the unselected experts zeroed, so that one GEMM per
-        matrix carries the gradients of all selected experts. It saves no FLOPs; inference never
-        takes it (only when the expert weights require grad under autograd)."""
+        """Every routed neuron computed, the unselected experts zeroed: one GEMM per matrix, the
+        same function as the sparse paths. It saves no FLOPs. Two callers: recovery tuning
+        (moefy.tuning; the expert weights require grad), where one GEMM carries the gradients of
+        all selected experts; and a sketch router's layer at many tokens on the torch paths (see
+        SKETCH_GEMM_MIN_TOKENS), where it replaces a loop over thousands of one-neuron experts.
+        The counts are the selection's, so the FLOP share reported is what the sparse paths cost."""
         E, n, D = self.w_in.shape
-        approx = self._approx_on() or self.thresholded
+        sketch = isinstance(self.router, SketchRouter) and not self.oracle and self.router_input == "own"
         sketched = None
-        if approx:  # the sketch once, with gradients: it ranks the experts and gives the sketched ones
-            idx = x.detach().abs().topk(self.router.kept, dim=-1).indices
-            hs = self._sketch_hidden(x, idx)[0].view(-1, E, n)
+        if sketch:  # the sketch once, with gradients: it ranks the experts and gives the sketched ones
+            hs = self._sketch_hidden(x, kept_channels(x.detach(), self.router.kept))[0].view(-1, E, n)
         with torch.no_grad():
-            if self.thresholded:
+            if not sketch:
+                mask = self.route(x)  # [T, E]
+            elif self.thresholded:
                 mask, sketched = self._threshold_masks(self._sketch_scores(hs.detach()))
-            elif approx:
+            elif self._approx_on():
                 exact, second = self._tiers(self._sketch_scores(hs.detach()))
                 mask = torch.zeros(x.shape[0], E, dtype=torch.bool, device=x.device).scatter_(1, exact, True)
                 sketched = torch.zeros_like(mask).scatter_(1, second, True)
             else:
-                mask = self.route(x)  # [T, E]
+                mask = select_experts(self._sketch_scores(hs.detach()), self.top_k, self.tau)
         self.tokens_seen += x.shape[0]
         self.experts_selected += int(mask.sum())
         h = self.hidden_all(x).view(-1, E, n) * mask.unsqueeze(-1).to(x.dtype)

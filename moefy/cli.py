@@ -26,6 +26,15 @@ def _run(fn):
         raise typer.Exit(130)
 
 
+# The sketch-router overrides of eval, tune and bench (applied by _open_run, before --active).
+ROUTER_CHANNELS = typer.Option(None, help="Override a sketch router's share of input channels (applied before --active).")
+ROUTER_APPROX = typer.Option(None, help="Override a sketch router's approx share (sketched experts; applied before "
+                                        "--active).")
+ROUTER_THRESHOLD = typer.Option(None, "--router-threshold/--router-top-k",
+                                help="Override how a sketch router selects: by its score thresholds (a model "
+                                     "converted with them) or a fixed top-k.")
+
+
 @app.command()
 def convert(
     model: str = typer.Option("smollm2-135m", help="Local HF folder, .gguf file, or smollm2-135m."),
@@ -133,13 +142,9 @@ def eval_cmd(
     active: Optional[float] = typer.Option(None, help="Override: fixed top-k per layer for this FFN compute share."),
     top_k: Optional[int] = typer.Option(None, help="Override the saved fixed top-k."),
     tau: Optional[float] = typer.Option(None, help="Override with dynamic-k at this threshold."),
-    router_channels: Optional[float] = typer.Option(None, help="Override a sketch router's share of input channels "
-                                                               "(applied before --active)."),
-    router_approx: Optional[float] = typer.Option(None, help="Override a sketch router's approx share (sketched "
-                                                             "experts; applied before --active)."),
-    router_threshold: Optional[bool] = typer.Option(None, "--router-threshold/--router-top-k",
-                                                    help="Override how a sketch router selects: by its score "
-                                                         "thresholds (a model converted with them) or a fixed top-k."),
+    router_channels: Optional[float] = ROUTER_CHANNELS,
+    router_approx: Optional[float] = ROUTER_APPROX,
+    router_threshold: Optional[bool] = ROUTER_THRESHOLD,
     oracle: bool = typer.Option(False, help="Also score the same experts with perfect routing."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON here."),
     overwrite: bool = typer.Option(False, help="Replace an existing --json file."),
@@ -181,13 +186,9 @@ def tune(
     batch_size: int = typer.Option(4, help="Blocks per step."),
     seq_len: int = typer.Option(256, help="Tokens per block."),
     active: Optional[float] = typer.Option(None, help="Tune at this FFN compute share (default: the saved top-k)."),
-    router_channels: Optional[float] = typer.Option(None, help="Override a sketch router's share of input channels "
-                                                               "(applied before --active)."),
-    router_approx: Optional[float] = typer.Option(None, help="Override a sketch router's approx share (sketched "
-                                                             "experts; applied before --active)."),
-    router_threshold: Optional[bool] = typer.Option(None, "--router-threshold/--router-top-k",
-                                                    help="Override how a sketch router selects: by its score "
-                                                         "thresholds (a model converted with them) or a fixed top-k."),
+    router_channels: Optional[float] = ROUTER_CHANNELS,
+    router_approx: Optional[float] = ROUTER_APPROX,
+    router_threshold: Optional[bool] = ROUTER_THRESHOLD,
     tau: Optional[float] = typer.Option(None, help="Tune with dynamic-k at this threshold."),
     checkpoint_minutes: float = typer.Option(5.0, help="Minutes between checkpoints (in OUT.tuning/)."),
     resume: bool = typer.Option(False, help="Continue from the checkpoint in OUT.tuning/."),
@@ -247,13 +248,9 @@ def bench(
     prefill_tokens: int = typer.Option(2048, help="Tokens per FFN prefill call (8 x 256)."),
     prefill_layers: int = typer.Option(4, help="FFN layers in the prefill stack."),
     active: Optional[float] = typer.Option(None, help="Override: fixed top-k per layer for this FFN share."),
-    router_channels: Optional[float] = typer.Option(None, help="Override a sketch router's share of input channels "
-                                                               "(applied before --active)."),
-    router_approx: Optional[float] = typer.Option(None, help="Override a sketch router's approx share (sketched "
-                                                             "experts; applied before --active)."),
-    router_threshold: Optional[bool] = typer.Option(None, "--router-threshold/--router-top-k",
-                                                    help="Override how a sketch router selects: by its score "
-                                                         "thresholds (a model converted with them) or a fixed top-k."),
+    router_channels: Optional[float] = ROUTER_CHANNELS,
+    router_approx: Optional[float] = ROUTER_APPROX,
+    router_threshold: Optional[bool] = ROUTER_THRESHOLD,
     overwrite: bool = typer.Option(False, help="Replace an existing --output-json file."),
 ):
     """Dense vs MoE wall-clock: FFN stacks (batch 1, prefill), greedy decode tokens/s, prefill, memory."""

@@ -67,6 +67,10 @@ def convert(
     budget: str = typer.Option("uniform", help="Per-layer top-k: uniform (same share everywhere) or sensitivity "
                                                 "(the total split by each layer's measured error curve)."),
     shared: float = typer.Option(0.1, help="Share of expert slots given to always-on shared neurons (CMoE)."),
+    refit_down: Optional[float] = typer.Option(None, help="Refit each layer's down rows after the routers (ridge "
+                                                          "regression on the calibration text, layer by layer on "
+                                                          "the sparse model's inputs) with this ridge strength, "
+                                                          "e.g. 0.1: training-free, helps at low active shares."),
     calib_tokens: int = typer.Option(16384, help="Calibration tokens."),
     seq_len: int = typer.Option(256, help="Tokens per block."),
     seed: int = typer.Option(0),
@@ -102,7 +106,7 @@ def convert(
                             method=method, router=router, router_loss=router_loss, router_input=router_input,
                             router_channels=router_channels, router_reuse=router_reuse, router_approx=router_approx,
                             router_threshold=router_threshold, shared=shared, seed=seed,
-                            budget=budget)
+                            budget=budget, refit_down=refit_down)
         data_cfg = DataConfig(source=calib, seq_len=seq_len, tokens=calib_tokens)
         lw_cfg = lw_mod.LayerwiseConfig(propagate=propagate, device=device, dtype=dtype, offload=offload)
         moe_cfg.validate()

@@ -42,6 +42,7 @@ class MoEConfig:
     router_reuse: bool = True        # sketch router: the selected neurons complete its partial sums (their gate and up cost 1 - channels)
     router_approx: float | None = None  # sketch router: share of the routed budget for sketched experts (down rows x sketched activations), [0, 1); None: 0.3 with a fixed top-k, else 0
     router_threshold: bool | None = None  # sketch router: select by per-layer score thresholds fitted on calibration text (the top-k's mean counts) instead of the same top-k per token; None: on with a fixed top-k
+    refit_down: float | None = None  # ridge strength of the down-row refit after the routers (refit.py), relative to the mean Gram diagonal, > 0; None: no refit
     marker_share: float = 0.25       # a neuron is "active" on a token when in that token's top share by |h|
     seed: int = 0                    # seeds grouping and router training
 
@@ -70,6 +71,10 @@ class MoEConfig:
             raise ConfigError("--router-approx needs the sketch router and a fixed top-k (--router sketch, no --tau)")
         if self.router_threshold and (self.router != "sketch" or self.tau is not None):
             raise ConfigError("--router-threshold needs the sketch router and a fixed top-k (--router sketch, no --tau)")
+        if self.refit_down is not None and not self.refit_down > 0:
+            raise ConfigError(f"the down refit's ridge strength must be positive, got {self.refit_down}; try 0.1")
+        if self.refit_down is not None and self.router_input != "own":
+            raise ConfigError("--refit-down needs routers that read their own layer's input (--router-input own)")
         if self.num_experts < 2:
             raise ConfigError(f"experts must be at least 2, got {self.num_experts}")
         if self.active is None and self.tau is None:

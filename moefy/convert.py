@@ -1,5 +1,6 @@
 """The conversion pipeline, top to bottom:
-profile activations -> group neurons into experts -> build routers -> swap FFN for MoE."""
+profile activations -> group neurons into experts -> build routers -> swap FFN for MoE
+(-> refit the down rows, when asked: refit.py)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from .grouping import NEEDS_COACTIVATION, split_neurons
 from .modeling_moefy import install_moe
 from .moe_layer import MoEFFN, sketch_channels_for
 from .profiling import profile
+from .refit import refit_model
 from .routing import build_router, router_spec
 
 log = logging.getLogger(__name__)
@@ -207,9 +209,10 @@ def convert(model, calib: str = "wiki-sample", moe: MoEConfig = MoEConfig(),
 
 
 class Calibration(list):
-    """Per-layer FFNStats, plus a record of the calibration data used."""
+    """Per-layer FFNStats, plus a record of the calibration data used and its token blocks."""
 
     record: dict
+    blocks: torch.Tensor
 
 
 def calibrate(model, tokenizer, moe: MoEConfig, data: DataConfig, progress: bool = False) -> Calibration:
@@ -222,6 +225,7 @@ def calibrate(model, tokenizer, moe: MoEConfig, data: DataConfig, progress: bool
                                 progress=progress))
     distributed.reduce(stats)  # torchrun: every rank now holds the statistics of all batches
     stats.record = calibration_record(data, calib_blocks)
+    stats.blocks = calib_blocks  # all of them, on every rank (the down refit runs them in full)
     return stats
 
 
@@ -258,6 +262,12 @@ def build(model, tokenizer, stats: list, moe: MoEConfig, record: dict | None = N
     record = {**(record or {}), "family": family.name, "moe": moe.to_dict(), "layers": reports}
     m = MoEModel(model.eval(), tokenizer, record)
     apply_budget(m, moe)
+    if moe.refit_down is not None:  # on the final selections, so after the budget
+        blocks = getattr(stats, "blocks", None)
+        if blocks is None:
+            raise ConfigError("the down refit runs the calibration text again: pass build() the Calibration "
+                              "that calibrate() returns")
+        refit_model(m, blocks, moe.refit_down, stats.record.get("batch_size", 8), progress=progress)
     return m
 
 

@@ -45,6 +45,7 @@ from .grouping import NEEDS_COACTIVATION
 from .modeling_moefy import install_moe
 from .moe_layer import MoEFFN
 from .profiling import FFNStats, capture
+from .refit import ffn_inputs, refit_layer
 
 log = logging.getLogger(__name__)
 
@@ -330,6 +331,8 @@ def convert_blocks(model, family: Family, calib: torch.Tensor, moe: MoEConfig, d
         block.set_submodule(family.ffn, layer.to(lw.device, lw.torch_dtype))
         for path in family.identity:
             block.set_submodule(path, torch.nn.Identity())
+        if moe.refit_down is not None:  # on the inputs this block sees (the sparse model's with propagate="moe")
+            report.update(refit_layer(layer, ffn_inputs(block, layer, states), moe.refit_down))
         states = run_layer(block, family, states, None, lw.device, store) if lw.propagate == "moe" else dense_out
         entry = {"spec": layer.spec, "report": report, "assignment": {
             "shared": layer.shared_neurons.tolist(), "experts": layer.expert_neurons.tolist()}}

@@ -685,6 +685,13 @@ class MoEFFN(nn.Module):
         all selected experts; and a sketch router's layer at many tokens on the torch paths (see
         SKETCH_GEMM_MIN_TOKENS), where it replaces a loop over thousands of one-neuron experts.
         The counts are the selection's, so the FLOP share reported is what the sparse paths cost."""
+        y = self.selected_hidden(x).flatten(1) @ self.w_out.flatten(0, 1)
+        return y if self.shared_in is None else y + self._shared(x)
+
+    def selected_hidden(self, x):
+        """The routed neurons' activations as this layer's output uses them, [T, E, n]: exact for
+        the selected experts, the sketch's estimate for the sketched ones, 0 for the others (the
+        output is this times the down rows, plus the shared neurons'). Counts the selection."""
         E, n, D = self.w_in.shape
         sketch = isinstance(self.router, SketchRouter) and not self.oracle and self.router_input == "own"
         sketched = None
@@ -707,8 +714,7 @@ class MoEFFN(nn.Module):
         if sketched is not None:
             self.sketched_selected += int(sketched.sum())
             h = h + hs * sketched.unsqueeze(-1).to(x.dtype)
-        y = h.flatten(1) @ self.w_out.flatten(0, 1)
-        return y if self.shared_in is None else y + self._shared(x)
+        return h
 
     def _hidden(self, x, w_in, w_up, b_in):
         h = ACTIVATIONS[self.act](F.linear(x, w_in, b_in))

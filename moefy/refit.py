@@ -1,0 +1,173 @@
+"""Down-row refit: a training-free stage after the routers. With each token's selection fixed,
+an MoE layer's output keeps only the terms of the neurons it computes (shared, selected, and the
+sketched ones with their estimates). The down rows that bring that output closest to the dense
+FFN's on calibration text are one ridge regression per layer:
+
+    W' = argmin ||A W' - B W||^2 + lam * mean(diag(A^T A)) * ||W' - W||^2
+
+A [N, S + E*n]: the activations the layer's output uses (shared neurons, then the routed ones
+masked by the selection); B: every neuron's exact activation; W: the shared and routed down rows.
+The kept neurons take over part of what the dropped ones wrote; a neuron no token selected keeps
+its rows (the ridge term). lam is relative to the mean diagonal, so one value suits every layer.
+
+The layers are refitted in order on the inputs the sparse model gives them: the calibration text
+runs block by block, each block's MoE layer refitted on the outputs of the blocks already
+refitted before it. A sketch router ranks by its down rows' norms, so with score thresholds
+(SketchRouter.threshold) its quantiles are fitted on those inputs before the fit (the selection
+the fit assumes is the one the layer makes there) and again after it (the new rows' norms).
+
+Measured on SmolLM2-135M (BENCHMARKS.md, "Down rows refitted"): a large gain at 25% active FFN,
+none at 50%; a model refitted at one share is fitted to that share's selections.
+
+# N calibration tokens, D hidden, S shared neurons, E experts of n neurons
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from tqdm.auto import tqdm
+
+from .arch import family_for
+from .errors import ConfigError
+from .moe_layer import MoEFFN
+
+log = logging.getLogger(__name__)
+
+CHUNK = 4096  # tokens per accumulation step
+ERROR_TOKENS = 2048  # calibration tokens behind the reported output errors
+
+
+@torch.no_grad()
+def refit_model(m, blocks: torch.Tensor, lam: float, batch_size: int = 8, progress: bool = False) -> list[dict]:
+    """Refit every MoE layer of the MoEModel `m` in order on the calibration blocks [B, L], each
+    on the inputs the model gives it with the layers before it refitted; one report per layer
+    (also merged into m.record["layers"])."""
+    from .layerwise import block_inputs, run_block
+
+    check(m.layers, lam)
+    model = m.model
+    family = family_for(model.config)
+    states = block_inputs(model, family, blocks, batch_size)
+    reports = []
+    for i, block in enumerate(tqdm(family.block_list(model), desc="down refit", disable=None if progress else True)):
+        layer = block.get_submodule(family.ffn)
+        reports.append(refit_layer(layer, ffn_inputs(block, layer, states), lam))
+        log.info("layer %d down refit: %s", i, reports[-1])
+        if i + 1 < len(family.block_list(model)):
+            states = [(run_block(block, h, kw), kw) for h, kw in states]
+    for layer in m.layers:  # the passes above are calibration, not use
+        layer.reset_counters()
+    for report, extra in zip(m.record.get("layers", []), reports):
+        report.update(extra)
+    return reports
+
+
+def check(layers: list[MoEFFN], lam: float):
+    if not lam > 0:
+        raise ConfigError(f"the down refit's ridge strength must be positive, got {lam}; try 0.1")
+    if any(layer.router_input != "own" for layer in layers):
+        raise ConfigError("the down refit needs routers that read their own layer's input; "
+                          "drop --refit-down or use --router-input own")
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def ffn_inputs(block: torch.nn.Module, layer: MoEFFN, states: list[tuple]) -> torch.Tensor:
+    """The inputs [N, D] of `block`'s MoE layer over every batch of states [(hidden, kwargs)]
+    (the block stops there: the layer itself does not run)."""
+    from .layerwise import _hidden, _to, run_block
+
+    captured = []
+
+    def hook(_m, args):
+        captured.append(args[0].reshape(-1, args[0].shape[-1]))
+        raise _Stop
+
+    handle = layer.register_forward_pre_hook(hook)
+    device = layer.w_in.device
+    try:
+        for h, kw in states:
+            try:
+                run_block(block, _hidden(h).to(device), _to(kw, device))
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return torch.cat(captured)
+
+
+@torch.no_grad()
+def refit_layer(layer: MoEFFN, x: torch.Tensor, lam: float, chunk: int = CHUNK) -> dict:
+    """Refit the shared and routed down rows of `layer` on its inputs x [N, D] (see the module
+    docstring). Returns the layer's relative output error against the dense FFN on (up to
+    ERROR_TOKENS of) x, before and after: ||y - y_dense||^2 / ||y_dense||^2."""
+    check([layer], lam)
+    probe = x[_probe(len(x)).to(x.device)]
+    thresholded = layer.thresholded
+    if thresholded:
+        layer.fit_score_quantiles(x)
+    before = output_error(layer, probe)
+    w = _down_rows(layer).double()  # [S + E*n, D]
+    gram = torch.zeros(len(w), len(w), dtype=torch.float64, device=w.device)
+    rhs = torch.zeros_like(w)
+    for c in x.split(chunk):
+        a, b = _activations(layer, c)
+        gram += (a.T @ a).double()
+        rhs += a.double().T @ (b.double() @ w)
+    ridge = lam * gram.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
+    fitted = torch.linalg.solve(gram + ridge * torch.eye(len(w), dtype=gram.dtype, device=gram.device), rhs + ridge * w)
+    _set_down_rows(layer, fitted)
+    if thresholded:
+        layer.fit_score_quantiles(x)  # the sketch ranks by the new rows' norms
+    after = output_error(layer, probe)
+    layer.reset_counters()
+    return {"down_refit": {"lam": lam, "tokens": len(x), "error_before": before, "error_after": after}}
+
+
+def _probe(n: int) -> torch.Tensor:
+    """The evenly spaced ERROR_TOKENS of n tokens (all of them when fewer) behind the errors."""
+    return torch.linspace(0, n - 1, min(ERROR_TOKENS, n)).long()
+
+
+def _activations(layer: MoEFFN, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) for x [T, D]: the activations the layer's output uses, and every neuron's exact one,
+    [T, S + E*n] each (shared neurons first, then the routed ones expert-major)."""
+    x = x.to(layer.w_in.dtype)
+    a, b = layer.selected_hidden(x).flatten(1), layer.hidden_all(x)
+    if layer.shared_in is not None:
+        s = layer._hidden(x, layer.shared_in, layer.shared_up, layer.shared_b_in)
+        a, b = torch.cat([s, a], 1), torch.cat([s, b], 1)
+    return a.float(), b.float()
+
+
+def _down_rows(layer: MoEFFN) -> torch.Tensor:
+    rows = layer.w_out.flatten(0, 1)
+    return rows if layer.shared_out is None else torch.cat([layer.shared_out, rows])
+
+
+def _set_down_rows(layer: MoEFFN, rows: torch.Tensor):
+    S = 0 if layer.shared_out is None else len(layer.shared_out)
+    if S:
+        layer.shared_out.copy_(rows[:S])
+    layer.w_out.copy_(rows[S:].view_as(layer.w_out))
+
+
+def output_error(layer: MoEFFN, x: torch.Tensor) -> float:
+    """||y - y_dense||^2 / ||y_dense||^2 of the layer on x [T, D] (its own forward, then every
+    expert; the counters are left as they were)."""
+    counters = layer.tokens_seen, layer.experts_selected, layer.sketched_selected
+    x = x.to(layer.w_in.dtype)
+    y = layer(x).double()
+    before = layer.all_experts
+    layer.all_experts = True
+    try:
+        dense = layer(x).double()
+    finally:
+        layer.all_experts = before
+    layer.tokens_seen, layer.experts_selected, layer.sketched_selected = counters
+    return float((y - dense).square().sum() / dense.square().sum().clamp_min(1e-30))

@@ -117,6 +117,11 @@ class MoEModel:
         converted with budget="sensitivity"). Default: the budget the model was converted with."""
         if not 0 < share <= 1:
             raise ConfigError(f"active share must be in (0, 1], got {share}")
+        moe = self.record.get("moe", {})
+        if moe.get("refit_down") is not None and moe.get("active") is not None and share != moe["active"]:
+            log.warning("this model's down rows were refitted for %.3g active FFN; at %.3g they are not the fit's "
+                        "(convert again with --active %.3g --refit-down %g for rows fitted to it)",
+                        moe["active"], share, share, moe["refit_down"])
         budget = budget or self.record.get("moe", {}).get("budget", "uniform")
         layers = self.layers
         if budget == "sensitivity":

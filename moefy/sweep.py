@@ -55,6 +55,9 @@ def sweep(loaded, variants: list[Variant], actives: list[float], heldout, base: 
         raise ConfigError("give at least one variant")
     if not actives or any(not 0 < a <= 1 for a in actives):
         raise ConfigError(f"active shares must be in (0, 1], got {actives}")
+    if base.refit_down is not None:
+        raise ConfigError("the down refit fits the rows to one active share, and a sweep evaluates each variant at "
+                          "several: convert at each share with --refit-down instead")
     configs = [replace(base, method=v.method, router=v.router, shared=v.shared, num_experts=v.experts,
                        active=max(actives), tau=None) for v in variants]
     family = family_for(loaded.model.config)

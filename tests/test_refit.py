@@ -159,3 +159,16 @@ def test_cli_refit_down(tokenizer, tmp_path):
     r = runner.invoke(app, ["convert", *fast, "--refit-down", "0.1", "--out", str(tmp_path / "run")])
     assert r.exit_code == 0, r.output
     assert moefy.load(tmp_path / "run").record["layers"][0]["down_refit"]["lam"] == 0.1
+
+
+def test_other_shares_warn_and_sweeps_refuse(tokenizer, caplog):
+    from moefy import sweep
+
+    m = moefy.convert(tiny_model("llama"), moe=MoEConfig(**{**SKETCH.to_dict(), "refit_down": 0.1}), data=DATA,
+                      tokenizer=tokenizer)
+    m.set_active(0.25)
+    assert "refitted" not in caplog.text
+    m.set_active(0.5)
+    assert "refitted for 0.25 active FFN" in caplog.text
+    with pytest.raises(ConfigError, match="one active share"):
+        sweep.sweep(None, [sweep.Variant()], [0.5], None, base=MoEConfig(refit_down=0.1))

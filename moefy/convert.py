@@ -146,6 +146,25 @@ class MoEModel:
         for layer, k in zip(layers, ks):
             layer.set_selection(k, None)
 
+    @property
+    def all_experts_is_dense(self) -> bool:
+        """Whether the model with every expert active computes its source dense model: true
+        after conversion, false once recovery tuning or the down refit changed its weights."""
+        return "tuning" not in self.record and self.record.get("moe", {}).get("refit_down") is None
+
+    def source_model(self) -> torch.nn.Module:
+        """The dense model this one was converted from, loaded again from its recorded source (the
+        dense reference when all_experts_is_dense is false)."""
+        from .errors import ModelLoadError
+
+        source = self.record.get("source", "")
+        try:
+            return models.load(source).model.eval().requires_grad_(False)
+        except ModelLoadError as exc:
+            raise ModelLoadError(f"this model's weights changed after conversion (recovery tuning or the down "
+                                 f"refit), so its dense reference is its source model {source!r}, which cannot "
+                                 f"be loaded: {exc}") from exc
+
     @torch.no_grad()
     def layer_inputs(self, blocks: torch.Tensor) -> list[torch.Tensor]:
         """Each MoE layer's input when the model runs on `blocks` [B, L], as [B*L, D] per layer

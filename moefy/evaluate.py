@@ -49,25 +49,14 @@ def dense_reference(m: MoEModel, blocks: torch.Tensor, batch_size: int = 8, prog
     """The dense model's result on `blocks`: (perplexity, tokens) for causal LMs, the final hidden
     states for encoders. Pass it to evaluate() to score several MoE settings of the same base
     model against one dense run. Every expert active is the dense model, except after recovery
-    tuning changed the experts: then the source model is loaded and run."""
-    if "tuning" in m.record:
-        return _source_reference(m, blocks, batch_size, progress)
+    tuning or the down refit changed the weights: then the source model is loaded and run."""
+    if not m.all_experts_is_dense:
+        dense = m.source_model()
+        return (perplexity(dense, blocks, batch_size, progress, "dense") if m.family.causal
+                else hidden_states(dense, blocks, batch_size))
     with m.all_experts():
         return (perplexity(m.model, blocks, batch_size, progress, "dense") if m.family.causal
                 else hidden_states(m.model, blocks, batch_size))
-
-
-def _source_reference(m: MoEModel, blocks, batch_size, progress):
-    from . import models
-    from .errors import ModelLoadError
-
-    source = m.record.get("source", "")
-    try:
-        dense = models.load(source)
-    except ModelLoadError as exc:
-        raise ModelLoadError(f"this model was recovery-tuned, so its dense reference is its source model "
-                             f"{source!r}, which cannot be loaded: {exc}") from exc
-    return perplexity(dense.model, blocks, batch_size, progress, "dense")
 
 
 def evaluate(m: MoEModel, blocks: torch.Tensor, batch_size: int = 8, progress: bool = False,

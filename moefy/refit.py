@@ -111,7 +111,8 @@ def refit_layer(layer: MoEFFN, x: torch.Tensor, lam: float, chunk: int = CHUNK) 
     thresholded = layer.thresholded
     if thresholded:
         layer.fit_score_quantiles(x)
-    before = output_error(layer, probe)
+    dense = _dense_outputs(layer, probe)  # before the rows change: every expert active is the dense FFN only now
+    before = output_error(layer, probe, dense)
     w = _down_rows(layer).double()  # [S + E*n, D]
     gram = torch.zeros(len(w), len(w), dtype=torch.float64, device=w.device)
     rhs = torch.zeros_like(w)
@@ -124,7 +125,7 @@ def refit_layer(layer: MoEFFN, x: torch.Tensor, lam: float, chunk: int = CHUNK) 
     _set_down_rows(layer, fitted)
     if thresholded:
         layer.fit_score_quantiles(x)  # the sketch ranks by the new rows' norms
-    after = output_error(layer, probe)
+    after = output_error(layer, probe, dense)
     layer.reset_counters()
     return {"down_refit": {"lam": lam, "tokens": len(x), "error_before": before, "error_after": after}}
 
@@ -157,17 +158,21 @@ def _set_down_rows(layer: MoEFFN, rows: torch.Tensor):
     layer.w_out.copy_(rows[S:].view_as(layer.w_out))
 
 
-def output_error(layer: MoEFFN, x: torch.Tensor) -> float:
-    """||y - y_dense||^2 / ||y_dense||^2 of the layer on x [T, D] (its own forward, then every
-    expert; the counters are left as they were)."""
-    counters = layer.tokens_seen, layer.experts_selected, layer.sketched_selected
-    x = x.to(layer.w_in.dtype)
-    y = layer(x).double()
+def _dense_outputs(layer: MoEFFN, x: torch.Tensor) -> torch.Tensor:
+    """The layer's output on x [T, D] with every expert active (the dense FFN while its rows are
+    the dense ones)."""
     before = layer.all_experts
     layer.all_experts = True
     try:
-        dense = layer(x).double()
+        return layer(x.to(layer.w_in.dtype)).double()
     finally:
         layer.all_experts = before
+
+
+def output_error(layer: MoEFFN, x: torch.Tensor, dense: torch.Tensor) -> float:
+    """||y - dense||^2 / ||dense||^2 of the layer's own forward on x [T, D] against the dense
+    outputs [T, D] (the counters are left as they were)."""
+    counters = layer.tokens_seen, layer.experts_selected, layer.sketched_selected
+    y = layer(x.to(layer.w_in.dtype)).double()
     layer.tokens_seen, layer.experts_selected, layer.sketched_selected = counters
     return float((y - dense).square().sum() / dense.square().sum().clamp_min(1e-30))

@@ -265,7 +265,10 @@ class _RouterFit:
 
 def _teacher(m: MoEModel):
     """A frozen copy of the model in dense mode: exactly the dense model, whatever the student
-    becomes."""
+    becomes. A model whose weights already changed (tuned before, or its down rows refitted) is
+    no longer the dense model with every expert active: its source model is loaded instead."""
+    if not m.all_experts_is_dense:
+        return m.source_model()
     teacher = copy.deepcopy(m.model).eval().requires_grad_(False)
     for module in teacher.modules():
         if hasattr(module, "all_experts"):

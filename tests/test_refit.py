@@ -39,8 +39,9 @@ def test_refit_layer_is_the_ridge_solution(kind, bias, shared):
     """With a selection the down rows do not change (an mlp router), the refitted rows are the
     least-squares solution of the stacked problem [A; r I] W' = [B W; r W], and the output error
     on the inputs falls."""
-    _, layer = make_moe(kind, bias, shared, top_k=2)
+    f, layer = make_moe(kind, bias, shared, top_k=2)
     x = inputs()
+    probe = x[refit._probe(len(x))]
     lam = 0.1
     w = down_rows(layer).double()
     a, b = refit._activations(layer, x)
@@ -52,8 +53,13 @@ def test_refit_layer_is_the_ridge_solution(kind, bias, shared):
     torch.testing.assert_close(down_rows(layer).double(), expected, atol=1e-4, rtol=1e-4)
     assert report["tokens"] == len(x) and report["lam"] == lam
     assert report["error_after"] < report["error_before"]
-    assert report["error_after"] == pytest.approx(refit.output_error(layer, x[refit._probe(len(x))]))
     assert layer.tokens_seen == 0  # the counters are left clean
+    for key, rows in (("error_before", w), ("error_after", down_rows(layer))):  # against the true dense FFN
+        y = refit._activations(layer, probe)[0] @ rows.float()
+        if layer.b_out is not None:
+            y = y + layer.b_out
+        dense = dense_forward(f, probe)
+        assert report[key] == pytest.approx(float((y - dense).square().sum() / dense.square().sum()), rel=1e-3)
 
 
 @torch.no_grad()
@@ -149,16 +155,41 @@ def test_layerwise_refit_on_sparse_inputs(tokenizer, ids):
     torch.testing.assert_close(m.layers[0].w_out, whole.layers[0].w_out, atol=1e-5, rtol=1e-5)
 
 
-def test_cli_refit_down(tokenizer, tmp_path):
+def test_cli_refit_down_and_its_dense_reference(tokenizer, tmp_path):
+    """Every expert active is no longer the dense model once the rows are refitted: evaluation
+    runs the source model for the dense reference (the same perplexity as without the refit)."""
+    import json
+
     dense = save_tiny_llama(tmp_path / "dense", tokenizer)
     fast = ["--model", str(dense), "--calib", "pydoc", "--experts", "64", "--shared", "0", "--router", "sketch",
-            "--active", "0.25", "--calib-tokens", "1024", "--seq-len", "32", "--no-eval"]
+            "--active", "0.25", "--calib-tokens", "1024", "--seq-len", "32", "--eval-data", "pydoc:heldout",
+            "--eval-tokens", "256"]
     runner = CliRunner()
     r = runner.invoke(app, ["convert", *fast, "--refit-down", "0", "--out", str(tmp_path / "bad")])
     assert r.exit_code == 2 and "positive" in r.output and not (tmp_path / "bad").exists()
-    r = runner.invoke(app, ["convert", *fast, "--refit-down", "0.1", "--out", str(tmp_path / "run")])
-    assert r.exit_code == 0, r.output
-    assert moefy.load(tmp_path / "run").record["layers"][0]["down_refit"]["lam"] == 0.1
+    results = {}
+    for name, extra in (("plain", []), ("refit", ["--refit-down", "0.1"])):
+        out = tmp_path / name
+        r = runner.invoke(app, ["convert", *fast, *extra, "--out", str(out), "--json", str(tmp_path / f"{name}.json")])
+        assert r.exit_code == 0, r.output
+        results[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    m = moefy.load(tmp_path / "refit")
+    assert m.record["layers"][0]["down_refit"]["lam"] == 0.1 and not m.all_experts_is_dense
+    assert moefy.load(tmp_path / "plain").all_experts_is_dense
+    assert results["refit"]["dense"]["ppl"] == pytest.approx(results["plain"]["dense"]["ppl"], rel=1e-5)
+    assert results["refit"]["moe"]["ppl"] != results["plain"]["moe"]["ppl"]
+
+
+def test_tuning_a_refitted_model_distils_toward_the_source(tokenizer, tmp_path):
+    from moefy import tuning
+
+    dense = save_tiny_llama(tmp_path / "dense", tokenizer)
+    m = moefy.convert(str(dense), moe=MoEConfig(**{**SKETCH.to_dict(), "refit_down": 0.1}), data=DATA)
+    teacher = tuning._teacher(m)
+    ids = torch.randint(5, 300, (1, 16), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(outputs(teacher, ids), outputs(moefy.models.load(str(dense)).model, ids))
+    with m.all_experts():
+        assert not torch.allclose(outputs(m.model, ids), outputs(teacher, ids))
 
 
 def test_other_shares_warn_and_sweeps_refuse(tokenizer, caplog):

@@ -688,10 +688,11 @@ class MoEFFN(nn.Module):
         y = self.selected_hidden(x).flatten(1) @ self.w_out.flatten(0, 1)
         return y if self.shared_in is None else y + self._shared(x)
 
-    def selected_hidden(self, x):
+    def selected_hidden(self, x, full=None):
         """The routed neurons' activations as this layer's output uses them, [T, E, n]: exact for
         the selected experts, the sketch's estimate for the sketched ones, 0 for the others (the
-        output is this times the down rows, plus the shared neurons'). Counts the selection."""
+        output is this times the down rows, plus the shared neurons'). Counts the selection.
+        `full`: hidden_all(x), when the caller has it already."""
         E, n, D = self.w_in.shape
         sketch = isinstance(self.router, SketchRouter) and not self.oracle and self.router_input == "own"
         sketched = None
@@ -710,7 +711,7 @@ class MoEFFN(nn.Module):
                 mask = select_experts(self._sketch_scores(hs.detach()), self.top_k, self.tau)
         self.tokens_seen += x.shape[0]
         self.experts_selected += int(mask.sum())
-        h = self.hidden_all(x).view(-1, E, n) * mask.unsqueeze(-1).to(x.dtype)
+        h = (self.hidden_all(x) if full is None else full).view(-1, E, n) * mask.unsqueeze(-1).to(x.dtype)
         if sketched is not None:
             self.sketched_selected += int(sketched.sum())
             h = h + hs * sketched.unsqueeze(-1).to(x.dtype)

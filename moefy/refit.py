@@ -12,9 +12,10 @@ its rows (the ridge term). lam is relative to the mean diagonal, so one value su
 
 The layers are refitted in order on the inputs the sparse model gives them: the calibration text
 runs block by block, each block's MoE layer refitted on the outputs of the blocks already
-refitted before it. A sketch router ranks by its down rows' norms, so with score thresholds
-(SketchRouter.threshold) its quantiles are fitted on those inputs before the fit (the selection
-the fit assumes is the one the layer makes there) and again after it (the new rows' norms).
+refitted before it. The selection the fit assumes is the layer's as converted. A sketch router
+ranks by its down rows' norms, so with score thresholds (SketchRouter.threshold) its quantiles
+are fitted again after the fit, on the same inputs (the new rows' norms; the share stays the
+budget's).
 
 Measured on SmolLM2-135M (BENCHMARKS.md, "Down rows refitted"): a large gain at 25% active FFN,
 none at 50%; a model refitted at one share is fitted to that share's selections.
@@ -109,17 +110,16 @@ def refit_layer(layer: MoEFFN, x: torch.Tensor, lam: float, chunk: int = CHUNK) 
     check([layer], lam)
     probe = x[_probe(len(x)).to(x.device)]
     thresholded = layer.thresholded
-    if thresholded:
-        layer.fit_score_quantiles(x)
     dense = _dense_outputs(layer, probe)  # before the rows change: every expert active is the dense FFN only now
     before = output_error(layer, probe, dense)
-    w = _down_rows(layer).double()  # [S + E*n, D]
+    w32 = _down_rows(layer).float()  # [S + E*n, D]
+    w = w32.double()
     gram = torch.zeros(len(w), len(w), dtype=torch.float64, device=w.device)
     rhs = torch.zeros_like(w)
-    for c in x.split(chunk):
+    for c in x.split(chunk):  # fp32 products over a chunk, summed in fp64
         a, b = _activations(layer, c)
         gram += (a.T @ a).double()
-        rhs += a.double().T @ (b.double() @ w)
+        rhs += (a.T @ (b @ w32)).double()
     ridge = lam * gram.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
     fitted = torch.linalg.solve(gram + ridge * torch.eye(len(w), dtype=gram.dtype, device=gram.device), rhs + ridge * w)
     _set_down_rows(layer, fitted)
@@ -139,7 +139,8 @@ def _activations(layer: MoEFFN, x: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     """(A, B) for x [T, D]: the activations the layer's output uses, and every neuron's exact one,
     [T, S + E*n] each (shared neurons first, then the routed ones expert-major)."""
     x = x.to(layer.w_in.dtype)
-    a, b = layer.selected_hidden(x).flatten(1), layer.hidden_all(x)
+    b = layer.hidden_all(x)
+    a = layer.selected_hidden(x, full=b).flatten(1)
     if layer.shared_in is not None:
         s = layer._hidden(x, layer.shared_in, layer.shared_up, layer.shared_b_in)
         a, b = torch.cat([s, a], 1), torch.cat([s, b], 1)

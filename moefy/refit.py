@@ -106,7 +106,9 @@ def ffn_inputs(block: torch.nn.Module, layer: MoEFFN, states: list[tuple]) -> to
 def refit_layer(layer: MoEFFN, x: torch.Tensor, lam: float, chunk: int = CHUNK) -> dict:
     """Refit the shared and routed down rows of `layer` on its inputs x [N, D] (see the module
     docstring). Returns the layer's relative output error against the dense FFN on (up to
-    ERROR_TOKENS of) x, before and after: ||y - y_dense||^2 / ||y_dense||^2."""
+    ERROR_TOKENS of) x, before and after: ||y - y_dense||^2 / ||y_dense||^2. When the refitted
+    layer's error is not lower (its new selection can cost more than the rows gain), the layer
+    is left as it was ("kept": false)."""
     check([layer], lam)
     probe = x[_probe(len(x)).to(x.device)]
     thresholded = layer.thresholded
@@ -122,12 +124,18 @@ def refit_layer(layer: MoEFFN, x: torch.Tensor, lam: float, chunk: int = CHUNK) 
         rhs += (a.T @ (b @ w32)).double()
     ridge = lam * gram.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
     fitted = torch.linalg.solve(gram + ridge * torch.eye(len(w), dtype=gram.dtype, device=gram.device), rhs + ridge * w)
+    saved = w32.clone(), (layer.router.grid, layer.router.quantiles.clone()) if thresholded else None
     _set_down_rows(layer, fitted)
     if thresholded:
         layer.fit_score_quantiles(x)  # the sketch ranks by the new rows' norms
     after = output_error(layer, probe, dense)
+    kept = after < before
+    if not kept:  # the new selection undid the gain: the layer stays as converted
+        _set_down_rows(layer, saved[0])
+        if thresholded:
+            layer.router.set_quantiles(*saved[1])
     layer.reset_counters()
-    return {"down_refit": {"lam": lam, "tokens": len(x), "error_before": before, "error_after": after}}
+    return {"down_refit": {"lam": lam, "tokens": len(x), "error_before": before, "error_after": after, "kept": kept}}
 
 
 def _probe(n: int) -> torch.Tensor:

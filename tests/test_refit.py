@@ -105,6 +105,19 @@ def test_sketch_thresholds_are_fitted_again_on_the_new_rows():
     assert layer.route(x).sum(1).float().mean().item() == pytest.approx(12, rel=0.1)
 
 
+@torch.no_grad()
+def test_a_refit_that_does_not_lower_the_error_is_undone(monkeypatch):
+    _, layer = make_moe("swiglu", False, 0, E=48, router="sketch", top_k=12, channels=0.5, threshold=True)
+    x = inputs(2000)
+    layer.fit_score_quantiles(x)
+    w, quantiles = down_rows(layer), layer.router.quantiles.clone()
+    errors = iter([0.1, 0.2])
+    monkeypatch.setattr(refit, "output_error", lambda *_: next(errors))
+    report = refit.refit_layer(layer, x, 0.1)["down_refit"]
+    assert report["kept"] is False and report["error_after"] == 0.2
+    assert torch.equal(down_rows(layer), w) and torch.equal(layer.router.quantiles, quantiles)
+
+
 def test_refit_errors():
     with pytest.raises(ConfigError, match="positive"):
         MoEConfig(refit_down=0.0).validate()
@@ -118,7 +131,8 @@ def test_refit_errors():
 def _refits(m):
     reports = [r["down_refit"] for r in m.record["layers"]]
     assert len(reports) == len(m.layers) == 2
-    assert all(r["error_after"] < r["error_before"] for r in reports)
+    assert all(r["error_after"] < r["error_before"] for r in reports if r["kept"])
+    assert any(r["kept"] for r in reports)
     return reports
 
 

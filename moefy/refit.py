@@ -51,12 +51,12 @@ def refit_model(m, blocks: torch.Tensor, lam: float, batch_size: int = 8, progre
     model = m.model
     family = family_for(model.config)
     states = block_inputs(model, family, blocks, batch_size)
-    reports = []
-    for i, block in enumerate(tqdm(family.block_list(model), desc="down refit", disable=None if progress else True)):
+    reports, layers = [], family.block_list(model)
+    for i, block in enumerate(tqdm(layers, desc="down refit", disable=None if progress else True)):
         layer = block.get_submodule(family.ffn)
         reports.append(refit_layer(layer, ffn_inputs(block, layer, states), lam))
         log.info("layer %d down refit: %s", i, reports[-1])
-        if i + 1 < len(family.block_list(model)):
+        if i + 1 < len(layers):  # the next block's inputs, with this layer refitted
             states = [(run_block(block, h, kw), kw) for h, kw in states]
     for layer in m.layers:  # the passes above are calibration, not use
         layer.reset_counters()

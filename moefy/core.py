@@ -89,12 +89,15 @@ def fixed_experts(m: MoEModel, experts: list[torch.Tensor]):
 
 @torch.no_grad()
 def continuation_nll(m: MoEModel, block: torch.Tensor, prompt_len: int, mode: str,
-                     budget: str = "flops") -> tuple[float, int]:
+                     budget: str = "flops", dense=None) -> tuple[float, int]:
     """Summed NLL of block[:, prompt_len:] given the prompt, and the token count. mode: "dense"
-    (every expert), "routed" (per-token routing) or "core" (per-token routing over the prompt,
-    then only the prompt's core experts)."""
+    (every expert, or the model `dense` when given: the source model of a model whose weights
+    changed, see MoEModel.all_experts_is_dense), "routed" (per-token routing) or "core"
+    (per-token routing over the prompt, then only the prompt's core experts)."""
     target = block[:, prompt_len:]
-    if mode in ("dense", "routed"):
+    if mode == "dense" and dense is not None:
+        logits = dense(input_ids=block).logits[:, prompt_len - 1:-1]
+    elif mode in ("dense", "routed"):
         with (m.all_experts() if mode == "dense" else contextlib.nullcontext()):
             logits = m.model(input_ids=block).logits[:, prompt_len - 1:-1]
     else:
@@ -112,10 +115,11 @@ def evaluate(m: MoEModel, blocks: torch.Tensor, prompt_len: int, budget: str = "
     """Continuation perplexity of dense, per-token-routed and core-expert decoding, each
     block [L] being prompt_len prompt tokens then the continuation."""
     out = {}
+    source = None if m.all_experts_is_dense else m.source_model()
     for mode in ("dense", "routed", "core"):
         nll = count = 0
         for block in blocks:
-            a, b = continuation_nll(m, block[None], prompt_len, mode, budget)
+            a, b = continuation_nll(m, block[None], prompt_len, mode, budget, dense=source)
             nll, count = nll + a, count + b
         out[mode] = math.exp(nll / count)
     core_k = [core_size(l, budget) for l in m.layers]

@@ -217,3 +217,19 @@ def test_other_shares_warn_and_sweeps_refuse(tokenizer, caplog):
     assert "refitted for 0.25 active FFN" in caplog.text
     with pytest.raises(ConfigError, match="one active share"):
         sweep.sweep(None, [sweep.Variant()], [0.5], None, base=MoEConfig(refit_down=0.1))
+
+
+def test_core_analysis_of_a_refitted_model_scores_dense_with_the_source(tokenizer, tmp_path):
+    import math
+
+    import torch.nn.functional as F
+
+    from moefy import core
+
+    dense = save_tiny_llama(tmp_path / "dense", tokenizer)
+    m = moefy.convert(str(dense), moe=MoEConfig(**{**SKETCH.to_dict(), "refit_down": 0.1}), data=DATA)
+    blocks = torch.randint(5, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    got = core.evaluate(m, blocks, prompt_len=12, budget="k")["ppl"]["dense"]
+    logits = moefy.models.load(str(dense)).model(input_ids=blocks).logits[:, 11:-1]
+    expected = math.exp(float(F.cross_entropy(logits.flatten(0, 1), blocks[:, 12:].flatten())))
+    assert got == pytest.approx(expected, rel=1e-5)

@@ -1,0 +1,121 @@
+"""A study of the down refit's target (moefy/refit.py fits each layer's output to its own dense
+FFN's on the sparse model's inputs). Here the target may also undo the drift the earlier sparse
+layers left in the residual stream: for a pre-norm block (Llama), out = h + FFN(norm(h)), so the
+FFN output that puts the block's output back on the dense model's is t = out_dense - h_sparse.
+
+    target = (1 - beta) * (B W) + beta * t        # beta 0: refit.py's target
+
+The fit is otherwise refit.py's: ridge toward the rows as converted, the sketch's quantiles
+fitted again after it, the layer left as converted when its own output error rises.
+
+    python benchmarks/explore_refit_target.py --model runs/smol-a25 --beta 0 0.5 1 --lam 0.3 \
+        --out benchmarks/results/refit_target_a25.json
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from moefy import data as data_mod
+from moefy import io, refit
+from moefy.arch import family_for
+from moefy.evaluate import compute
+from moefy.layerwise import block_inputs, run_block
+
+import study
+
+
+@torch.no_grad()
+def refit_stream(m, blocks: torch.Tensor, lam: float, beta: float, batch_size: int = 8) -> list[dict]:
+    model = m.model
+    family = family_for(model.config)
+    sparse = block_inputs(model, family, blocks, batch_size)
+    dense = [(h.clone(), kw) for h, kw in sparse]
+    reports = []
+    for block in family.block_list(model):
+        layer = block.get_submodule(family.ffn)
+        with m.all_experts():  # the dense block, before this layer's rows change
+            dense = [(run_block(block, h, kw), kw) for h, kw in dense]
+        xs, targets = [], []
+        for (h, kw), (d, _) in zip(sparse, dense):
+            got = {}
+            handle = layer.register_forward_hook(lambda _m, a, y: got.update(x=a[0], y=y))
+            try:
+                out = run_block(block, h, kw)
+            finally:
+                handle.remove()
+            x = got["x"].reshape(-1, got["x"].shape[-1])
+            xs.append(x)
+            targets.append((d - (out - got["y"])).reshape(-1, x.shape[-1]))  # out_dense - h_sparse
+        x, t = torch.cat(xs), torch.cat(targets)
+        reports.append(fit(layer, x, t, lam, beta))
+        sparse = [(run_block(block, h, kw), kw) for h, kw in sparse]
+        print(len(reports) - 1, reports[-1], flush=True)
+    for layer in m.layers:
+        layer.reset_counters()
+    return reports
+
+
+def fit(layer, x, t, lam, beta, chunk=4096) -> dict:
+    probe = refit._probe(len(x))
+    dense_y = refit._dense_outputs(layer, x[probe])
+    before = refit.output_error(layer, x[probe], dense_y)
+    w32 = refit._down_rows(layer).float()
+    w = w32.double()
+    gram = torch.zeros(len(w), len(w), dtype=torch.float64)
+    rhs = torch.zeros_like(w)
+    bias = 0 if layer.b_out is None else layer.b_out
+    for c, tc in zip(x.split(chunk), t.split(chunk)):
+        a, b = refit._activations(layer, c)
+        target = (1 - beta) * (b @ w32) + beta * (tc - bias)
+        gram += (a.T @ a).double()
+        rhs += (a.T @ target).double()
+    ridge = lam * gram.diagonal().mean()
+    fitted = torch.linalg.solve(gram + ridge * torch.eye(len(w), dtype=gram.dtype), rhs + ridge * w)
+    saved = (layer.router.grid, layer.router.quantiles.clone())
+    refit._set_down_rows(layer, fitted)
+    layer.fit_score_quantiles(x)
+    after = refit.output_error(layer, x[probe], dense_y)
+    kept = after < before or beta > 0  # with a stream target the layer's own error may rise on purpose
+    if not kept:
+        refit._set_down_rows(layer, w32)
+        layer.router.set_quantiles(*saved)
+    layer.reset_counters()
+    return {"error_before": before, "error_after": after, "kept": kept}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="runs/smol-a25")
+    ap.add_argument("--beta", type=float, nargs="+", default=[0.0, 0.5, 1.0])
+    ap.add_argument("--lam", type=float, default=0.3)
+    ap.add_argument("--calib-tokens", type=int, default=16384)
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--data", nargs="+", default=["wiki-sample:heldout", "pydoc:heldout"])
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    rows, dense_ppl = [], {}
+    for beta in args.beta:
+        m = io.load(args.model)
+        calib = data_mod.blocks("wiki-sample:calib", m.tokenizer, 256, max_tokens=args.calib_tokens)
+        sets = {d: data_mod.blocks(d, m.tokenizer, 256, max_tokens=args.tokens) for d in args.data}
+        for d, blocks in sets.items():
+            if d not in dense_ppl:
+                with m.all_experts():
+                    dense_ppl[d] = study.timed_perplexity(m.model, blocks)[0]
+        layers = refit_stream(m, calib, args.lam, beta)
+        for d, blocks in sets.items():
+            for layer in m.layers:
+                layer.reset_counters()
+            ppl, seconds = study.timed_perplexity(m.model, blocks)
+            rows.append({"beta": beta, "lam": args.lam, "data": d, "ppl": ppl, "dense_ppl": dense_ppl[d],
+                         "ppl_ratio": ppl / dense_ppl[d], "active_measured": compute(m)["active_ffn_share"],
+                         "layers": layers})
+            print({k: v for k, v in rows[-1].items() if k != "layers"}, flush=True)
+    study.write(args.out, dense_ppl[args.data[0]], sets[args.data[0]], rows, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -70,7 +70,7 @@ def convert(
     refit_down: Optional[float] = typer.Option(None, help="Refit each layer's down rows after the routers (ridge "
                                                           "regression on the calibration text, layer by layer on "
                                                           "the sparse model's inputs) with this ridge strength, "
-                                                          "e.g. 0.3: training-free, helps at low active shares."),
+                                                          "e.g. 1.0: training-free, helps at low active shares."),
     calib_tokens: int = typer.Option(16384, help="Calibration tokens."),
     seq_len: int = typer.Option(256, help="Tokens per block."),
     seed: int = typer.Option(0),

@@ -72,7 +72,7 @@ class MoEConfig:
         if self.router_threshold and (self.router != "sketch" or self.tau is not None):
             raise ConfigError("--router-threshold needs the sketch router and a fixed top-k (--router sketch, no --tau)")
         if self.refit_down is not None and not self.refit_down > 0:
-            raise ConfigError(f"the down refit's ridge strength must be positive, got {self.refit_down}; try 0.3")
+            raise ConfigError(f"the down refit's ridge strength must be positive, got {self.refit_down}; try 1.0")
         if self.refit_down is not None and self.router_input != "own":
             raise ConfigError("--refit-down needs routers that read their own layer's input (--router-input own)")
         if self.num_experts < 2:

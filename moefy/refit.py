@@ -67,7 +67,7 @@ def refit_model(m, blocks: torch.Tensor, lam: float, batch_size: int = 8, progre
 
 def check(layers: list[MoEFFN], lam: float):
     if not lam > 0:
-        raise ConfigError(f"the down refit's ridge strength must be positive, got {lam}; try 0.3")
+        raise ConfigError(f"the down refit's ridge strength must be positive, got {lam}; try 1.0")
     if any(layer.router_input != "own" for layer in layers):
         raise ConfigError("the down refit needs routers that read their own layer's input; "
                           "drop --refit-down or use --router-input own")

@@ -1,0 +1,87 @@
+"""A study of the down refit in rounds (moefy/refit.py fits once, on the selection as converted).
+Each fit assumes a selection, and the new rows' norms change it (the sketch ranks by them). Here
+the fit is repeated: round r fits the rows on the selection the rows of round r-1 make, always
+toward the dense output B W0 and with the ridge toward the converted rows W0, and the score
+quantiles are fitted again after each round.
+
+    python benchmarks/explore_refit_rounds.py --model runs/smol-a25 --rounds 2 --lam 0.3 \
+        --out benchmarks/results/refit_rounds_a25.json
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from moefy import data as data_mod
+from moefy import io, refit
+from moefy.arch import family_for
+from moefy.evaluate import compute
+from moefy.layerwise import block_inputs, run_block
+
+import study
+
+
+@torch.no_grad()
+def fit_rounds(layer, x, lam: float, rounds: int, chunk: int = 4096) -> dict:
+    probe = refit._probe(len(x))
+    dense_y = refit._dense_outputs(layer, x[probe])
+    errors = [refit.output_error(layer, x[probe], dense_y)]
+    w0 = refit._down_rows(layer).float()
+    w = w0.double()
+    for _ in range(rounds):
+        gram = torch.zeros(len(w), len(w), dtype=torch.float64)
+        rhs = torch.zeros_like(w)
+        for c in x.split(chunk):
+            a, b = refit._activations(layer, c)
+            gram += (a.T @ a).double()
+            rhs += (a.T @ (b @ w0)).double()  # the dense output: every neuron exact, the converted rows
+        ridge = lam * gram.diagonal().mean()
+        refit._set_down_rows(layer, torch.linalg.solve(gram + ridge * torch.eye(len(w), dtype=gram.dtype), rhs + ridge * w))
+        layer.fit_score_quantiles(x)
+        errors.append(refit.output_error(layer, x[probe], dense_y))
+    layer.reset_counters()
+    return {"errors": errors}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="runs/smol-a25")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--lam", type=float, nargs="+", default=[0.3])
+    ap.add_argument("--calib-tokens", type=int, default=16384)
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--data", nargs="+", default=["wiki-sample:heldout", "pydoc:heldout"])
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    rows, dense_ppl = [], {}
+    for lam in args.lam:
+        m = io.load(args.model)
+        calib = data_mod.blocks("wiki-sample:calib", m.tokenizer, 256, max_tokens=args.calib_tokens)
+        sets = {d: data_mod.blocks(d, m.tokenizer, 256, max_tokens=args.tokens) for d in args.data}
+        for d, blocks in sets.items():
+            if d not in dense_ppl:
+                with m.all_experts():
+                    dense_ppl[d] = study.timed_perplexity(m.model, blocks)[0]
+        family = family_for(m.model.config)
+        states = block_inputs(m.model, family, calib, 8)
+        layers = []
+        for block in family.block_list(m.model):
+            layer = block.get_submodule(family.ffn)
+            layers.append(fit_rounds(layer, refit.ffn_inputs(block, layer, states), lam, args.rounds))
+            print(len(layers) - 1, layers[-1], flush=True)
+            states = [(run_block(block, h, kw), kw) for h, kw in states]
+        for d, blocks in sets.items():
+            for layer in m.layers:
+                layer.reset_counters()
+            ppl, _ = study.timed_perplexity(m.model, blocks)
+            rows.append({"lam": lam, "rounds": args.rounds, "data": d, "ppl": ppl, "dense_ppl": dense_ppl[d],
+                         "ppl_ratio": ppl / dense_ppl[d], "active_measured": compute(m)["active_ffn_share"],
+                         "layers": layers})
+            print({k: v for k, v in rows[-1].items() if k != "layers"}, flush=True)
+    study.write(args.out, dense_ppl[args.data[0]], sets[args.data[0]], rows, args)
+
+
+if __name__ == "__main__":
+    main()

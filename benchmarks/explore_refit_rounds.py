@@ -14,10 +14,8 @@ import argparse
 
 import torch
 
-from moefy import data as data_mod
-from moefy import io, refit
+from moefy import refit
 from moefy.arch import family_for
-from moefy.evaluate import compute
 from moefy.layerwise import block_inputs, run_block
 
 import study
@@ -57,13 +55,7 @@ def main():
     args = ap.parse_args()
     rows, dense_ppl = [], {}
     for lam in args.lam:
-        m = io.load(args.model)
-        calib = data_mod.blocks("wiki-sample:calib", m.tokenizer, 256, max_tokens=args.calib_tokens)
-        sets = {d: data_mod.blocks(d, m.tokenizer, 256, max_tokens=args.tokens) for d in args.data}
-        for d, blocks in sets.items():
-            if d not in dense_ppl:
-                with m.all_experts():
-                    dense_ppl[d] = study.timed_perplexity(m.model, blocks)[0]
+        m, calib, sets = study.saved_with_data(args, dense_ppl)
         family = family_for(m.model.config)
         states = block_inputs(m.model, family, calib, 8)
         layers = []
@@ -72,14 +64,7 @@ def main():
             layers.append(fit_rounds(layer, refit.ffn_inputs(block, layer, states), lam, args.rounds))
             print(len(layers) - 1, layers[-1], flush=True)
             states = [(run_block(block, h, kw), kw) for h, kw in states]
-        for d, blocks in sets.items():
-            for layer in m.layers:
-                layer.reset_counters()
-            ppl, _ = study.timed_perplexity(m.model, blocks)
-            rows.append({"lam": lam, "rounds": args.rounds, "data": d, "ppl": ppl, "dense_ppl": dense_ppl[d],
-                         "ppl_ratio": ppl / dense_ppl[d], "active_measured": compute(m)["active_ffn_share"],
-                         "layers": layers})
-            print({k: v for k, v in rows[-1].items() if k != "layers"}, flush=True)
+        rows += study.score_sets(m, sets, dense_ppl, {"lam": lam, "rounds": args.rounds, "layers": layers})
     study.write(args.out, dense_ppl[args.data[0]], sets[args.data[0]], rows, args)
 
 

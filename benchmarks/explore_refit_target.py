@@ -18,10 +18,8 @@ import argparse
 
 import torch
 
-from moefy import data as data_mod
-from moefy import io, refit
+from moefy import refit
 from moefy.arch import family_for
-from moefy.evaluate import compute
 from moefy.layerwise import block_inputs, run_block
 
 import study
@@ -98,22 +96,9 @@ def main():
     args = ap.parse_args()
     rows, dense_ppl = [], {}
     for beta in args.beta:
-        m = io.load(args.model)
-        calib = data_mod.blocks("wiki-sample:calib", m.tokenizer, 256, max_tokens=args.calib_tokens)
-        sets = {d: data_mod.blocks(d, m.tokenizer, 256, max_tokens=args.tokens) for d in args.data}
-        for d, blocks in sets.items():
-            if d not in dense_ppl:
-                with m.all_experts():
-                    dense_ppl[d] = study.timed_perplexity(m.model, blocks)[0]
+        m, calib, sets = study.saved_with_data(args, dense_ppl)
         layers = refit_stream(m, calib, args.lam, beta)
-        for d, blocks in sets.items():
-            for layer in m.layers:
-                layer.reset_counters()
-            ppl, seconds = study.timed_perplexity(m.model, blocks)
-            rows.append({"beta": beta, "lam": args.lam, "data": d, "ppl": ppl, "dense_ppl": dense_ppl[d],
-                         "ppl_ratio": ppl / dense_ppl[d], "active_measured": compute(m)["active_ffn_share"],
-                         "layers": layers})
-            print({k: v for k, v in rows[-1].items() if k != "layers"}, flush=True)
+        rows += study.score_sets(m, sets, dense_ppl, {"beta": beta, "lam": args.lam, "layers": layers})
     study.write(args.out, dense_ppl[args.data[0]], sets[args.data[0]], rows, args)
 
 

@@ -62,6 +62,37 @@ def timed_perplexity(model, heldout) -> tuple[float, float]:
     return ppl, time.time() - start
 
 
+def saved_with_data(args, dense_ppl: dict):
+    """The refit studies' setup: (the saved model args.model, args.calib_tokens of wiki-sample:calib,
+    {name: args.tokens held-out blocks of each args.data}); each data set's dense perplexity is
+    measured once, into dense_ppl (the model is loaded afresh for every setting)."""
+    from moefy import io
+
+    m = io.load(args.model)
+    calib = data_mod.blocks("wiki-sample:calib", m.tokenizer, 256, max_tokens=args.calib_tokens)
+    sets = {d: data_mod.blocks(d, m.tokenizer, 256, max_tokens=args.tokens) for d in args.data}
+    for d, blocks in sets.items():
+        if d not in dense_ppl:
+            with m.all_experts():
+                dense_ppl[d] = timed_perplexity(m.model, blocks)[0]
+    return m, calib, sets
+
+
+def score_sets(m, sets: dict, dense_ppl: dict, row: dict) -> list[dict]:
+    """One row per held-out set: `row` plus perplexity, its ratio to dense and the measured share."""
+    from moefy.evaluate import compute
+
+    rows = []
+    for d, blocks in sets.items():
+        for layer in m.layers:
+            layer.reset_counters()
+        ppl, _ = timed_perplexity(m.model, blocks)
+        rows.append({**row, "data": d, "ppl": ppl, "dense_ppl": dense_ppl[d], "ppl_ratio": ppl / dense_ppl[d],
+                     "active_measured": compute(m)["active_ffn_share"]})
+        print({k: v for k, v in rows[-1].items() if k != "layers"}, flush=True)
+    return rows
+
+
 def write(path: str, dense: float, heldout: torch.Tensor, rows: list, args=None):
     """The study's JSON: dense perplexity, scored tokens, its rows and (when given) its arguments."""
     out = {"dense_ppl": dense, "tokens": int(heldout[:, 1:].numel()), "rows": rows}

@@ -45,13 +45,9 @@ def fit_rounds(layer, x, lam: float, rounds: int, chunk: int = 4096) -> dict:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="runs/smol-a25")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--lam", type=float, nargs="+", default=[0.3])
-    ap.add_argument("--calib-tokens", type=int, default=16384)
-    ap.add_argument("--tokens", type=int, default=8192)
-    ap.add_argument("--data", nargs="+", default=["wiki-sample:heldout", "pydoc:heldout"])
-    ap.add_argument("--out", required=True)
+    study.add_saved_model_args(ap)
     args = ap.parse_args()
     rows, dense_ppl = [], {}
     for lam in args.lam:

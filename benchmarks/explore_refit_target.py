@@ -86,13 +86,9 @@ def fit(layer, x, t, lam, beta, chunk=4096) -> dict:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="runs/smol-a25")
     ap.add_argument("--beta", type=float, nargs="+", default=[0.0, 0.5, 1.0])
     ap.add_argument("--lam", type=float, default=0.3)
-    ap.add_argument("--calib-tokens", type=int, default=16384)
-    ap.add_argument("--tokens", type=int, default=8192)
-    ap.add_argument("--data", nargs="+", default=["wiki-sample:heldout", "pydoc:heldout"])
-    ap.add_argument("--out", required=True)
+    study.add_saved_model_args(ap)
     args = ap.parse_args()
     rows, dense_ppl = [], {}
     for beta in args.beta:

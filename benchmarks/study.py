@@ -62,6 +62,16 @@ def timed_perplexity(model, heldout) -> tuple[float, float]:
     return ppl, time.time() - start
 
 
+def add_saved_model_args(ap):
+    """The refit studies' options: --model (a saved 25% model), --calib-tokens, --tokens, --data
+    (both domains), --out."""
+    ap.add_argument("--model", default="runs/smol-a25")
+    ap.add_argument("--calib-tokens", type=int, default=16384)
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--data", nargs="+", default=["wiki-sample:heldout", "pydoc:heldout"])
+    ap.add_argument("--out", required=True)
+
+
 def saved_with_data(args, dense_ppl: dict):
     """The refit studies' setup: (the saved model args.model, args.calib_tokens of wiki-sample:calib,
     {name: args.tokens held-out blocks of each args.data}); each data set's dense perplexity is

@@ -122,7 +122,7 @@ class MoEModel:
             log.warning("this model's down rows were refitted for %.3g active FFN; at %.3g they are not the fit's "
                         "(convert again with --active %.3g --refit-down %g for rows fitted to it)",
                         moe["active"], share, share, moe["refit_down"])
-        budget = budget or self.record.get("moe", {}).get("budget", "uniform")
+        budget = budget or moe.get("budget", "uniform")
         layers = self.layers
         if budget == "sensitivity":
             curves = [r.get("error_curve") for r in self.record.get("layers", [])]

@@ -5,6 +5,7 @@ dense FFN (tested), so no second copy of the dense model is needed."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -50,13 +51,11 @@ def dense_reference(m: MoEModel, blocks: torch.Tensor, batch_size: int = 8, prog
     states for encoders. Pass it to evaluate() to score several MoE settings of the same base
     model against one dense run. Every expert active is the dense model, except after recovery
     tuning or the down refit changed the weights: then the source model is loaded and run."""
-    if not m.all_experts_is_dense:
-        dense = m.source_model()
-        return (perplexity(dense, blocks, batch_size, progress, "dense") if m.family.causal
-                else hidden_states(dense, blocks, batch_size))
-    with m.all_experts():
-        return (perplexity(m.model, blocks, batch_size, progress, "dense") if m.family.causal
-                else hidden_states(m.model, blocks, batch_size))
+    exact = m.all_experts_is_dense
+    model = m.model if exact else m.source_model()
+    with m.all_experts() if exact else contextlib.nullcontext():
+        return (perplexity(model, blocks, batch_size, progress, "dense") if m.family.causal
+                else hidden_states(model, blocks, batch_size))
 
 
 def evaluate(m: MoEModel, blocks: torch.Tensor, batch_size: int = 8, progress: bool = False,

@@ -49,6 +49,7 @@ class MoEConfig:
     def validate(self, ffn_width: int | None = None):
         from .grouping import GROUPINGS
         from .moe_layer import ROUTERS
+        from .refit import check_strength
 
         if self.method not in GROUPINGS:
             raise ConfigError(f"unknown method {self.method!r}; choose from {', '.join(GROUPINGS)}")
@@ -71,8 +72,8 @@ class MoEConfig:
             raise ConfigError("--router-approx needs the sketch router and a fixed top-k (--router sketch, no --tau)")
         if self.router_threshold and (self.router != "sketch" or self.tau is not None):
             raise ConfigError("--router-threshold needs the sketch router and a fixed top-k (--router sketch, no --tau)")
-        if self.refit_down is not None and not self.refit_down > 0:
-            raise ConfigError(f"the down refit's ridge strength must be positive, got {self.refit_down}; try 1.0")
+        if self.refit_down is not None:
+            check_strength(self.refit_down)
         if self.refit_down is not None and self.router_input != "own":
             raise ConfigError("--refit-down needs routers that read their own layer's input (--router-input own)")
         if self.num_experts < 2:

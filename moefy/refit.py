@@ -65,23 +65,23 @@ def refit_model(m, blocks: torch.Tensor, lam: float, batch_size: int = 8, progre
     return reports
 
 
-def check(layers: list[MoEFFN], lam: float):
+def check_strength(lam: float):
     if not lam > 0:
         raise ConfigError(f"the down refit's ridge strength must be positive, got {lam}; try 1.0")
+
+
+def check(layers: list[MoEFFN], lam: float):
+    check_strength(lam)
     if any(layer.router_input != "own" for layer in layers):
         raise ConfigError("the down refit needs routers that read their own layer's input; "
                           "drop --refit-down or use --router-input own")
-
-
-class _Stop(Exception):
-    pass
 
 
 @torch.no_grad()
 def ffn_inputs(block: torch.nn.Module, layer: MoEFFN, states: list[tuple]) -> torch.Tensor:
     """The inputs [N, D] of `block`'s MoE layer over every batch of states [(hidden, kwargs)]
     (the block stops there: the layer itself does not run)."""
-    from .layerwise import _hidden, _to, run_block
+    from .layerwise import _hidden, _Stop, _to, run_block
 
     captured = []
 

@@ -30,7 +30,7 @@ import itertools
 import torch
 
 from moefy import data as data_mod
-from moefy import io
+from moefy import io, refit
 from moefy.evaluate import compute, perplexity
 
 import study
@@ -39,14 +39,8 @@ import study
 def layer_fit(layer, x: torch.Tensor, lam: float, kind: str = "full") -> torch.Tensor:
     """The refitted down rows [N, D] of a one-neuron-expert sketch layer on its inputs x [T, D]:
     `full` fits every row freely, `scale` only one factor per row (ridge toward 1)."""
-    E, n, D = layer.w_in.shape
-    idx = x.abs().topk(layer.router.kept, dim=-1).indices
-    hs = layer._sketch_hidden(x, idx)[0]
-    exact, sketched = layer._threshold_masks(layer._sketch_scores(hs.view(-1, E, n)))
-    h = layer.hidden_all(x)
-    hm = h * exact
-    if sketched is not None:
-        hm = hm + hs * sketched
+    E = layer.w_in.shape[0]
+    hm, h = refit._activations(layer, x)  # the layer's masked activations (no shared neurons here) and all
     w = layer.w_out[:, 0].double()
     hm, h = hm.double(), h.double()
     gram = hm.T @ hm

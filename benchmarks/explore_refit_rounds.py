@@ -26,17 +26,9 @@ def fit_rounds(layer, x, lam: float, rounds: int, chunk: int = 4096) -> dict:
     probe = refit._probe(len(x))
     dense_y = refit._dense_outputs(layer, x[probe])
     errors = [refit.output_error(layer, x[probe], dense_y)]
-    w0 = refit._down_rows(layer).float()
-    w = w0.double()
-    for _ in range(rounds):
-        gram = torch.zeros(len(w), len(w), dtype=torch.float64)
-        rhs = torch.zeros_like(w)
-        for c in x.split(chunk):
-            a, b = refit._activations(layer, c)
-            gram += (a.T @ a).double()
-            rhs += (a.T @ (b @ w0)).double()  # the dense output: every neuron exact, the converted rows
-        ridge = lam * gram.diagonal().mean()
-        refit._set_down_rows(layer, torch.linalg.solve(gram + ridge * torch.eye(len(w), dtype=gram.dtype), rhs + ridge * w))
+    w0 = refit._down_rows(layer).clone()
+    for _ in range(rounds):  # toward the dense output B W0 and the converted rows W0, on this round's selection
+        refit._set_down_rows(layer, refit.ridge_rows(layer, x, lam, rows=w0, chunk=chunk))
         layer.fit_score_quantiles(x)
         errors.append(refit.output_error(layer, x[probe], dense_y))
     layer.reset_counters()

@@ -61,17 +61,8 @@ def fit(layer, x, t, lam, beta, chunk=4096) -> dict:
     dense_y = refit._dense_outputs(layer, x[probe])
     before = refit.output_error(layer, x[probe], dense_y)
     w32 = refit._down_rows(layer).float()
-    w = w32.double()
-    gram = torch.zeros(len(w), len(w), dtype=torch.float64)
-    rhs = torch.zeros_like(w)
     bias = 0 if layer.b_out is None else layer.b_out
-    for c, tc in zip(x.split(chunk), t.split(chunk)):
-        a, b = refit._activations(layer, c)
-        target = (1 - beta) * (b @ w32) + beta * (tc - bias)
-        gram += (a.T @ a).double()
-        rhs += (a.T @ target).double()
-    ridge = lam * gram.diagonal().mean()
-    fitted = torch.linalg.solve(gram + ridge * torch.eye(len(w), dtype=gram.dtype), rhs + ridge * w)
+    fitted = refit.ridge_rows(layer, x, lam, target=lambda bw, s: (1 - beta) * bw + beta * (t[s] - bias), chunk=chunk)
     saved = (layer.router.grid, layer.router.quantiles.clone())
     refit._set_down_rows(layer, fitted)
     layer.fit_score_quantiles(x)

@@ -115,15 +115,7 @@ def refit_layer(layer: MoEFFN, x: torch.Tensor, lam: float, chunk: int = CHUNK) 
     dense = _dense_outputs(layer, probe)  # before the rows change: every expert active is the dense FFN only now
     before = output_error(layer, probe, dense)
     w32 = _down_rows(layer).float()  # [S + E*n, D]
-    w = w32.double()
-    gram = torch.zeros(len(w), len(w), dtype=torch.float64, device=w.device)
-    rhs = torch.zeros_like(w)
-    for c in x.split(chunk):  # fp32 products over a chunk, summed in fp64
-        a, b = _activations(layer, c)
-        gram += (a.T @ a).double()
-        rhs += (a.T @ (b @ w32)).double()
-    ridge = lam * gram.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
-    fitted = torch.linalg.solve(gram + ridge * torch.eye(len(w), dtype=gram.dtype, device=gram.device), rhs + ridge * w)
+    fitted = ridge_rows(layer, x, lam, chunk=chunk)
     saved = w32.clone(), (layer.router.grid, layer.router.quantiles.clone()) if thresholded else None
     _set_down_rows(layer, fitted)
     if thresholded:
@@ -136,6 +128,27 @@ def refit_layer(layer: MoEFFN, x: torch.Tensor, lam: float, chunk: int = CHUNK) 
             layer.router.set_quantiles(*saved[1])
     layer.reset_counters()
     return {"down_refit": {"lam": lam, "tokens": len(x), "error_before": before, "error_after": after, "kept": kept}}
+
+
+@torch.no_grad()
+def ridge_rows(layer: MoEFFN, x: torch.Tensor, lam: float, rows: torch.Tensor | None = None, target=None,
+               chunk: int = CHUNK) -> torch.Tensor:
+    """argmin ||A W' - T||^2 + lam * mean(diag(A^T A)) * ||W' - W||^2 [S + E*n, D] on the inputs
+    x [N, D], A from the layer's selection as it is now. W: `rows` (default: the layer's down
+    rows). T: the dense output B W, or target(B W, s) for the chunk x[s] (the studies' variants)."""
+    w32 = (_down_rows(layer) if rows is None else rows).float()
+    w = w32.double()
+    gram = torch.zeros(len(w), len(w), dtype=torch.float64, device=w.device)
+    rhs = torch.zeros_like(w)
+    for start in range(0, len(x), chunk):  # fp32 products over a chunk, summed in fp64
+        a, b = _activations(layer, x[start:start + chunk])
+        t = b @ w32
+        if target is not None:
+            t = target(t, slice(start, start + chunk))
+        gram += (a.T @ a).double()
+        rhs += (a.T @ t).double()
+    ridge = lam * gram.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
+    return torch.linalg.solve(gram + ridge * torch.eye(len(w), dtype=gram.dtype, device=gram.device), rhs + ridge * w)
 
 
 def _probe(n: int) -> torch.Tensor:

@@ -197,6 +197,8 @@ def tune(
     checkpoint_minutes: float = typer.Option(5.0, help="Minutes between checkpoints (in OUT.tuning/)."),
     resume: bool = typer.Option(False, help="Continue from the checkpoint in OUT.tuning/."),
     seed: int = typer.Option(0, help="Seeds the data order."),
+    precision: str = typer.Option("auto", help="fp32, bf16 (autocast: matrix products in bf16, weights and updates "
+                                  "in fp32) or auto: bf16 where the CPU (AVX512-BF16, AMX) or GPU runs it natively."),
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Evaluate against the source dense model after tuning."),
     eval_data: str = typer.Option("wiki-sample:heldout", help="Held-out text for --eval."),
     eval_tokens: int = typer.Option(8192, help="Held-out tokens for --eval."),
@@ -218,7 +220,7 @@ def tune(
             raise ConfigError("--out must differ from the input folder (the input is never modified)")
         cfg = TuneConfig(data=data, seq_len=seq_len, batch_size=batch_size, minutes=minutes, tokens=tokens, lr=lr,
                          train=train, routers=routers, router_lr=router_lr, checkpoint_minutes=checkpoint_minutes,
-                         seed=seed)
+                         seed=seed, precision=precision)
         cfg.validate()
         check_target(out, overwrite)
         m = _open_run(run, json_out, overwrite, active=active, tau=tau, router_channels=router_channels,

@@ -12,7 +12,8 @@ from moefy.config import DataConfig, MoEConfig
 from moefy.errors import ConfigError
 from moefy.evaluate import perplexity
 from moefy.routing import router_objective, router_targets
-from moefy.tuning import TuneConfig, trainable_parameters, tune
+from moefy import tuning
+from moefy.tuning import TuneConfig, fingerprint, trainable_parameters, tune
 
 from conftest import outputs, tiny_model
 
@@ -160,7 +161,8 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(tokenizer, tmp_path,
 
 
 @pytest.mark.parametrize("bad,match", [(dict(minutes=None, tokens=None), "budget"), (dict(tokens=10), "at least one step"),
-                                       (dict(train="router"), "--train"), (dict(lr=0.0), "learning rate")])
+                                       (dict(train="router"), "--train"), (dict(lr=0.0), "learning rate"),
+                                       (dict(precision="fp16"), "--precision")])
 def test_bad_settings(bad, match):
     with pytest.raises(ConfigError, match=match):
         cfg(**bad).validate()
@@ -217,3 +219,39 @@ def test_score_thresholds_are_fitted_again_after_tuning(tokenizer):
         m.model(input_ids=blocks)
     for layer in m.layers:  # the refit read these tokens: the mean counts are the targets
         assert layer.mean_k() == pytest.approx(layer.top_k, rel=0.05)
+
+
+def test_precision_follows_the_cpu_features(tmp_path, monkeypatch):
+    """auto is bf16 only where the CPU lists native bf16 products: elsewhere bf16 is emulated and
+    about 200x slower than fp32 (PERF.md). An explicit choice is kept."""
+    with_bf16, without = tmp_path / "with", tmp_path / "without"
+    with_bf16.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 avx512_vnni\n")
+    without.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_vnni\n")
+    assert tuning.cpu_has_bf16(str(with_bf16)) and not tuning.cpu_has_bf16(str(without))
+    assert not tuning.cpu_has_bf16(str(tmp_path / "missing"))
+    cpu = torch.device("cpu")
+    for has, auto in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(tuning, "cpu_has_bf16", lambda has=has: has)
+        assert tuning.resolve_precision("auto", cpu) == auto
+        assert tuning.resolve_precision("fp32", cpu) == "fp32" and tuning.resolve_precision("bf16", cpu) == "bf16"
+
+
+def test_bf16_tuning_keeps_fp32_weights_and_learns_like_fp32(base, tokenizer):
+    """bf16 autocast runs the products in bf16 while weights and updates stay fp32; the tuning it
+    gives is close to fp32's (the same held-out KL to dense within 10%), and the record says
+    which precision ran. A checkpoint of one precision is not resumed by the other."""
+    held = moefy.data.blocks("pydoc:heldout", tokenizer, 32, max_tokens=1024)
+    with base.all_experts():
+        dense = outputs(base.model, held)
+    before = kl(outputs(base.model, held), dense)
+    after = {}
+    for precision in ("fp32", "bf16"):
+        m = copy.deepcopy(base)
+        record = tune(m, cfg(tokens=64 * 40, routers=False, precision=precision))
+        assert record["precision"] == precision == m.record["tuning"]["precision"]
+        assert all(p.dtype == torch.float32 for p in m.model.parameters())
+        after[precision] = kl(outputs(m.model, held), dense)
+    assert after["bf16"] < 0.8 * before and after["fp32"] < 0.8 * before, (before, after)
+    assert abs(after["bf16"] - after["fp32"]) < 0.1 * after["fp32"], after
+    blocks = moefy.data.blocks("pydoc:calib", tokenizer, 32)
+    assert fingerprint(base, cfg(precision="fp32"), blocks) != fingerprint(base, cfg(precision="bf16"), blocks)

@@ -38,7 +38,7 @@ ROUTER_THRESHOLD = typer.Option(None, "--router-threshold/--router-top-k",
 @app.command()
 def convert(
     model: str = typer.Option("smollm2-135m", help="Local HF folder, .gguf file, or smollm2-135m."),
-    calib: str = typer.Option("wiki-sample", help="Calibration text: wiki-sample, pydoc, a .txt or .jsonl file."),
+    calib: str = typer.Option("wiki-sample", help="Calibration text: wiki-sample, pydoc, a .txt or .jsonl file, or a mixture with equal shares (wiki-sample+pydoc)."),
     out: Path = typer.Option(Path("runs/smol-moe"), help="Output folder."),
     experts: int = typer.Option(384, help="Expert slots per FFN (shared slots included); must divide the FFN width."),
     active: Optional[float] = typer.Option(0.5, help="Target share of FFN compute per token, router counted, in (0, 1]."),

@@ -5,6 +5,9 @@ inside one stream, so held-out text is really held out:
   wiki-sample[:calib|:heldout|:all]  Wikipedia excerpt shipped in the gensim wheel, markup stripped
   pydoc[:calib|:heldout|:all]        CPython's language reference topics (pydoc_data)
 User files: a .txt file (documents separated by blank lines) or a .jsonl file with a "text" field.
+Mixtures: sources joined by "+" (wiki-sample+pydoc, wiki-sample:calib+notes.txt) give each source
+an equal share of the tokens, in alternating blocks, so a calibration covers every domain a model
+will see (a first N blocks of it are balanced too).
 """
 
 from __future__ import annotations
@@ -60,8 +63,31 @@ def split(docs, part: str) -> list[str]:
     return [d for i, d in enumerate(docs) if (i % HELDOUT_EVERY == HELDOUT_EVERY - 1) == held]
 
 
+def mixture(spec: str) -> list[str] | None:
+    """The sources of a mixture spec ("a+b"), or None for a single source (a file whose own name
+    holds "+" is a single source)."""
+    if "+" not in spec or Path(spec).expanduser().is_file():
+        return None
+    parts = [p.strip() for p in spec.split("+")]
+    if any(not p for p in parts):
+        raise DataError(f"empty source in the mixture {spec!r}; join sources with one '+', e.g. wiki-sample+pydoc")
+    return parts
+
+
+def _alternate(groups: list[list]) -> list:
+    """Items of the groups in turn (a1, b1, a2, b2, ...), the longer groups' rest at the end."""
+    out = []
+    for i in range(max(len(g) for g in groups)):
+        out.extend(g[i] for g in groups if i < len(g))
+    return out
+
+
 def documents(spec: str) -> list[str]:
-    """The documents a spec names: a built-in source with an optional split, or a file."""
+    """The documents a spec names: a built-in source with an optional split, a file, or a mixture
+    of them (their documents in turn)."""
+    parts = mixture(spec)
+    if parts is not None:
+        return _alternate([documents(p) for p in parts])
     name, _, part = spec.partition(":")
     if name in BUILTIN:
         return split(BUILTIN[name](), part or "calib")
@@ -97,7 +123,11 @@ def _jsonl(path, text):
 
 def blocks(spec: str, tokenizer, seq_len: int, max_tokens: int | None = None,
            min_tokens: int | None = None) -> torch.Tensor:
-    """Documents tokenised, joined with EOS and cut into [B, seq_len] blocks (the tail is dropped)."""
+    """Documents tokenised, joined with EOS and cut into [B, seq_len] blocks (the tail is dropped).
+    A mixture gives each source max_tokens / (number of sources), in alternating blocks."""
+    parts = mixture(spec)
+    if parts is not None:
+        return _mixed_blocks(spec, parts, tokenizer, seq_len, max_tokens, min_tokens)
     docs = documents(spec)
     eos = tokenizer.eos_token_id
     ids: list[int] = []
@@ -119,3 +149,17 @@ def blocks(spec: str, tokenizer, seq_len: int, max_tokens: int | None = None,
         raise DataError(f"{spec!r} gives {len(ids)} tokens, fewer than the {need} needed "
                         f"(blocks of {seq_len}); give more text or lower --seq-len / the token count")
     return torch.tensor(ids[:have]).view(n_blocks, seq_len)
+
+
+def _mixed_blocks(spec, parts, tokenizer, seq_len, max_tokens, min_tokens) -> torch.Tensor:
+    """blocks() of a mixture: each source's own blocks (an equal share of max_tokens, at least one
+    block), taken in turn. A source with less text than its share gives what it has, and the
+    mixture is that much shorter: the shares stay as asked, never tilted toward the longer text."""
+    share = None if not max_tokens else max(seq_len, max_tokens // len(parts))
+    rows = _alternate([list(blocks(p, tokenizer, seq_len, max_tokens=share)) for p in parts])
+    if max_tokens:
+        rows = rows[:max(1, max_tokens // seq_len)]
+    if min_tokens and len(rows) * seq_len < min_tokens:
+        raise DataError(f"{spec!r} gives {len(rows) * seq_len} tokens, fewer than the {min_tokens} needed "
+                        f"(blocks of {seq_len}); give more text or lower --seq-len / the token count")
+    return torch.stack(rows)

@@ -62,3 +62,34 @@ def test_blocks_shape_and_token_budget(tokenizer):
     assert int(b.max()) < len(tokenizer)
     with pytest.raises(DataError, match="fewer than"):
         blocks("pydoc", tokenizer, seq_len=64, max_tokens=1000, min_tokens=10**6)
+
+
+def test_a_mixture_gives_each_source_an_equal_share_in_alternating_blocks(tokenizer, tmp_path):
+    wiki = blocks("wiki-sample", tokenizer, seq_len=64, max_tokens=640)
+    py = blocks("pydoc", tokenizer, seq_len=64, max_tokens=640)
+    mixed = blocks("wiki-sample+pydoc", tokenizer, seq_len=64, max_tokens=1280)
+    assert mixed.shape == (20, 64)
+    assert mixed[0::2].equal(wiki) and mixed[1::2].equal(py)  # a first N blocks are balanced too
+    assert blocks("wiki-sample+pydoc", tokenizer, seq_len=64, max_tokens=640).shape == (10, 64)
+    # held-out mixtures keep each source's split; documents come in turn
+    docs = documents("wiki-sample:heldout+pydoc:heldout")
+    assert docs[:2] == [documents("wiki-sample:heldout")[0], documents("pydoc:heldout")[0]]
+    assert set(docs) == set(documents("wiki-sample:heldout")) | set(documents("pydoc:heldout"))
+    # a short source gives what it has; the other keeps its own share
+    short = tmp_path / "short.txt"
+    short.write_text("a few words of text " * 20)
+    mix = blocks(f"{short}+pydoc", tokenizer, seq_len=64, max_tokens=640)
+    own = blocks(str(short), tokenizer, seq_len=64)
+    assert mix[0].equal(own[0]) and len(own) < 5 and mix.shape[0] == len(own) + 5
+    with pytest.raises(DataError, match="fewer than"):
+        blocks(f"{short}+{short}", tokenizer, seq_len=64, min_tokens=64 * 100)
+
+
+def test_mixture_errors_name_the_bad_part_and_a_plus_in_a_file_name_is_a_file(tmp_path):
+    with pytest.raises(DataError, match="no-such-thing"):
+        documents("wiki-sample+no-such-thing")
+    with pytest.raises(DataError, match="empty source"):
+        documents("wiki-sample++pydoc")
+    odd = tmp_path / "c++notes.txt"
+    odd.write_text("one doc\n\nanother doc\n")
+    assert documents(str(odd)) == ["one doc", "another doc"]

@@ -42,6 +42,7 @@ class MoEConfig:
     router_reuse: bool = True        # sketch router: the selected neurons complete its partial sums (their gate and up cost 1 - channels)
     router_approx: float | None = None  # sketch router: share of the routed budget for sketched experts (down rows x sketched activations), [0, 1); None: 0.3 with a fixed top-k, else 0
     router_threshold: bool | None = None  # sketch router: select by per-layer score thresholds fitted on calibration text (the top-k's mean counts) instead of the same top-k per token; None: on with a fixed top-k
+    router_sparsity: float = 0.0     # sketch router: share of each neuron's gate and up weights its sketch leaves out (Wanda scores), [0, 1); > 0 turns reuse off
     refit_down: float | None = None  # ridge strength of the down-row refit after the routers (refit.py), relative to the mean Gram diagonal, > 0; None: no refit
     marker_share: float = 0.25       # a neuron is "active" on a token when in that token's top share by |h|
     seed: int = 0                    # seeds grouping and router training
@@ -68,6 +69,10 @@ class MoEConfig:
             raise ConfigError(f"router channels must be in (0, 1], got {self.router_channels}")
         if self.router_approx is not None and not 0 <= self.router_approx < 1:
             raise ConfigError(f"router approx share must be in [0, 1), got {self.router_approx}")
+        if not 0 <= self.router_sparsity < 1:
+            raise ConfigError(f"router sparsity must be in [0, 1), got {self.router_sparsity}; try 0.6 at 25% active, 0.33 at 50%")
+        if self.router_sparsity and self.router != "sketch":
+            raise ConfigError("--router-sparsity prunes a sketch router's view of the weights; use it with --router sketch")
         if self.router_approx and (self.router != "sketch" or self.tau is not None):
             raise ConfigError("--router-approx needs the sketch router and a fixed top-k (--router sketch, no --tau)")
         if self.router_threshold and (self.router != "sketch" or self.tau is not None):

@@ -134,7 +134,8 @@ class MoEModel:
             follow = [l for l in layers if getattr(l.router, "auto", False)]  # sketch routers with auto channels
             before = [l.router.channels for l in follow]
             for layer in follow:
-                layer.set_router_channels(sketch_channels_for(share, layer.router.reuse), auto=True)
+                layer.set_router_channels(sketch_channels_for(share, layer.router.reuse, layer.router.sparsity),
+                                          auto=True)
             try:
                 ks = [_top_k(layer, share) for layer in layers]  # all checked before any changes
             except ConfigError:

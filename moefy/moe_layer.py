@@ -104,12 +104,16 @@ class MLPRouter(nn.Module):
         return 2 * (self.fc1.weight.numel() + self.fc2.weight.numel())
 
 
-def sketch_channels_for(active: float | None, reuse: bool = False) -> float:
+def sketch_channels_for(active: float | None, reuse: bool = False, sparsity: float = 0.0) -> float:
     """The sketch router's default channel share for an active FFN share: 0.8 x the share with
     reuse of its partial sums (0.4 at 50%, 0.2 at 25%), 0.6 x without (0.3, 0.15): the best
-    measured on SmolLM2 (BENCHMARKS.md). Without a share (dynamic-k): 0.4 / 0.3."""
-    scale = 0.8 if reuse else 0.6
-    return scale / 2 if active is None else min(1.0, max(0.05, round(scale * active, 4)))
+    measured on SmolLM2 (BENCHMARKS.md). Without a share (dynamic-k): 0.4 / 0.3. A pruned sketch
+    (`sparsity` s) reads 0.8 x the share / (1 - s) channels, so that its nonzero products cost what
+    0.8 x the share of unpruned channels cost (0.5 at 25% with s 0.6, 0.6 at 50% with s 0.33)."""
+    scale = 0.8 if reuse or sparsity else 0.6
+    if active is None:
+        active = 0.5
+    return min(1.0, max(0.05, round(scale * active / (1 - sparsity), 4)))
 
 
 SKETCH_APPROX_DEFAULT = 0.3
@@ -139,6 +143,14 @@ class SketchRouter(nn.Module):
     ranked next after the exact ones contribute their sketched activations through their down
     rows (a down projection alone per neuron, no gate or up). See MoEFFN.approx_k.
 
+    `sparsity` s: the sketch reads pruned copies of the gate and up weights. Each neuron keeps
+    the (1 - s) share of its weights with the largest |w_ij| x ||x_j|| (Wanda's score, Sun et al.
+    2023; the channel norms ||x_j|| come from calibration text, fit_sketch_sparsity), so the
+    sketch can read more channels for the same products: at equal FLOPs it finds the large
+    contributions far better (BENCHMARKS.md). Its cost is the nonzero products on the kept
+    channels, as measured on calibration text (`density`). The selected neurons are then computed
+    from the full weights, without reuse: a pruned sketch's sums are not a part of the exact ones.
+
     `threshold`: instead of the same top-k for every token, an expert is exact when its score
     reaches a per-layer threshold (and sketched when it reaches a second, lower one). The
     thresholds are the score quantiles, fitted on calibration text, that give the top-k's mean
@@ -148,11 +160,19 @@ class SketchRouter(nn.Module):
 
     def __init__(self, hidden: int, num_experts: int, gated: bool = True, expert_size: int = 1,
                  channels: float = 0.3, auto: bool = False, reuse: bool = False, approx: float = 0.0,
-                 threshold: bool = False, grid: list | None = None, **_):
+                 threshold: bool = False, grid: list | None = None, sparsity: float = 0.0, **_):
         super().__init__()
         self.hidden = hidden
         self.shape = (num_experts, expert_size, 2 if gated else 1)
         self.auto = auto  # the share follows the active FFN share (sketch_channels_for), see MoEModel.set_active
+        if not 0 <= sparsity < 1:
+            raise ValueError(f"sketch router sparsity must be in [0, 1), got {sparsity}")
+        if sparsity and reuse:
+            raise ValueError("a pruned sketch (sparsity > 0) has no partial sums to reuse; turn reuse off")
+        self.sparsity = float(sparsity)
+        if self.sparsity:  # fitted on calibration text (MoEFFN.fit_sketch_sparsity)
+            self.register_buffer("channel_norms", torch.ones(hidden))
+            self.register_buffer("density", torch.full((len(self.density_grid()),), 1.0 - self.sparsity))
         self.reuse = reuse
         self.set_channels(channels)
         self.set_approx(approx)
@@ -212,9 +232,24 @@ class SketchRouter(nn.Module):
         t1 = interp(exact)
         return t1, (interp(total) if total > exact else t1)
 
-    def flops_per_token(self) -> int:
+    def density_grid(self) -> list[int]:
+        """The channel counts at which a pruned sketch's density is measured (SCORE_GRID's)."""
+        return sorted({max(1, min(self.hidden, round(c * self.hidden))) for c in SCORE_GRID})
+
+    def density_at(self, kept: int) -> float:
+        """Nonzero share of the sketch's products on `kept` channels: 1 unpruned; pruned, the mean
+        measured on calibration text (linear between the grid's counts)."""
+        if not self.sparsity:
+            return 1.0
+        grid, d = self.density_grid(), self.density.tolist()
+        i = min(max(bisect.bisect_left(grid, kept), 1), len(grid) - 1)
+        w = min(max((kept - grid[i - 1]) / (grid[i] - grid[i - 1]), 0.0), 1.0)
+        return d[i - 1] + w * (d[i] - d[i - 1])
+
+    def flops_per_token(self) -> float:
         E, n, matrices = self.shape
-        return 2 * self.kept * E * n * matrices + 2 * E * n * n  # the sketch, then h^T G h per expert
+        sketch = 2 * self.kept * E * n * matrices * self.density_at(self.kept)
+        return sketch + 2 * E * n * n  # the sketch, then h^T G h per expert
 
     def reused_flops_per_neuron(self) -> int:
         """What a selected neuron saves by starting from the sketch's sums (0 without reuse)."""
@@ -393,6 +428,8 @@ class MoEFFN(nn.Module):
         their FLOPs, hence top_k_for_share, change with it. Kept in the spec that is saved."""
         if not isinstance(self.router, SketchRouter):
             raise ValueError(f"only a sketch router has partial sums to reuse, not {self.spec['router']['kind']!r}")
+        if reuse and self.router.sparsity:
+            raise ValueError("a pruned sketch (sparsity > 0) has no partial sums to reuse")
         self.router.reuse = self._sketch_reuse = bool(reuse)
         r = self.spec["router"]
         self.spec["router"] = {**r, "options": {**r.get("options", {}), "reuse": bool(reuse)}}
@@ -529,6 +566,24 @@ class MoEFFN(nn.Module):
         r.set_quantiles(grid, torch.stack(rows))
         o = self.spec["router"]
         self.spec["router"] = {**o, "options": {**o.get("options", {}), "grid": r.grid}}
+
+    @torch.no_grad()
+    def fit_sketch_sparsity(self, inputs: torch.Tensor, tokens: int = 1024, norms: bool = True):
+        """A pruned sketch's calibration (SketchRouter.sparsity) on this layer's inputs [N, D]: the
+        channel norms ||x_j|| its pruning scores use (`norms`; off to keep them, as after tuning),
+        then its density, the nonzero share of its products on a token's kept channels, measured
+        on an evenly spaced `tokens` of the inputs at every channel count of its grid."""
+        r = self.router
+        if not getattr(r, "sparsity", 0):
+            raise ValueError("only a pruned sketch router (sparsity > 0) has channel norms and a density to fit")
+        if norms:
+            r.channel_norms.copy_(inputs.float().norm(dim=0))
+        x = inputs[torch.linspace(0, len(inputs) - 1, min(tokens, len(inputs))).long()].float()
+        masks = [m for m in self._cached("sketch_masks", self._sketch_masks) if m is not None]
+        kept_per_channel = sum(m.sum(0).float() for m in masks)  # [D]: nonzeros a channel brings
+        rows = sum(m.shape[0] for m in masks)  # what a channel brings unpruned
+        r.density.copy_(torch.tensor([float(kept_per_channel[kept_channels(x, c)].sum(-1).mean() / (c * rows))
+                                      for c in r.density_grid()]))
 
     def set_router_threshold(self, on: bool):
         """Select by score thresholds (needs fitted quantiles) or by a fixed top-k; kept in the spec."""
@@ -821,7 +876,7 @@ class MoEFFN(nn.Module):
         E, n, D = self.w_in.shape
         masked = torch.zeros_like(x).scatter(-1, idx, x.gather(-1, idx))
         flat = lambda w: None if w is None else w.reshape(E * n, *w.shape[2:])  # noqa: E731
-        g, u = (None if w is None else F.linear(masked, flat(w)) for w in (self.w_in, self.w_up))
+        g, u = (None if w is None else F.linear(masked, w) for w in self._sketch_rows())
         h = ACTIVATIONS[self.act](g if self.b_in is None else g + flat(self.b_in))  # [T, E*n]
         return (h if u is None else h * u), g, u
 
@@ -894,13 +949,41 @@ class MoEFFN(nn.Module):
         norms [E] (None otherwise)."""
         def make():
             E, n, D = self.w_in.shape
-            t_in, t_up = (None if w is None else w.reshape(E * n, D).T.contiguous() for w in (self.w_in, self.w_up))
+            t_in, t_up = (None if w is None else w.reshape(E * n, D).T.contiguous() for w in self._sketch_rows())
             return t_in, t_up, self.w_out[:, 0].norm(dim=-1) if n == 1 else None
         return self._cached("sketch", make)
 
+    def _sketch_rows(self):
+        """The gate and up rows the sketch reads, [E*n, D] each (up None when not gated): the
+        weights themselves, or for a pruned sketch (SketchRouter.sparsity) their product with the
+        pruning masks, in the autograd graph (tuning trains the weights through it)."""
+        E, n, D = self.w_in.shape
+        rows = [None if w is None else w.reshape(E * n, D) for w in (self.w_in, self.w_up)]
+        if not getattr(self.router, "sparsity", 0):
+            return rows
+        masks = self._cached("sketch_masks", self._sketch_masks)
+        return [None if w is None else w * m for w, m in zip(rows, masks)]
+
+    def _sketch_masks(self):
+        """A pruned sketch's masks for the gate and up rows: each row keeps its (1 - sparsity)
+        share of weights with the largest |w_ij| x ||x_j|| (the router's calibration channel norms)."""
+        E, n, D = self.w_in.shape
+        r = self.router
+        keep = max(1, D - round(r.sparsity * D))
+        out = []
+        for w in (self.w_in, self.w_up):
+            if w is None:
+                out.append(None)
+                continue
+            score = w.detach().reshape(E * n, D).abs().float() * r.channel_norms.float()
+            out.append(torch.zeros_like(score, dtype=torch.bool).scatter_(1, score.topk(keep, dim=1).indices, True))
+        return out
+
     def _cached(self, name: str, make):
-        """A tensor derived from the weights, remade when any of them changed (in place too)."""
-        key = tuple((p.data_ptr(), p._version) for p in self._parameters.values() if p is not None)
+        """A tensor derived from the weights (and a pruned sketch's channel norms), remade when any
+        of them changed (in place too)."""
+        inputs = [*self._parameters.values(), getattr(self.router, "channel_norms", None)]
+        key = tuple((p.data_ptr(), p._version) for p in inputs if p is not None)
         hit = self.__dict__.setdefault("_derived", {}).get(name)
         if hit is None or hit[0] != key:
             with torch.no_grad():

@@ -23,15 +23,17 @@ def router_spec(kind: str, cfg) -> dict:
         return {"kind": "mlp", "options": {"router_hidden": cfg.router_hidden, "output": output}}
     if kind == "sketch":
         auto = cfg.router_channels is None
-        channels = sketch_channels_for(cfg.active, cfg.router_reuse) if auto else cfg.router_channels
+        sparsity = cfg.router_sparsity
+        reuse = cfg.router_reuse and not sparsity  # a pruned sketch's sums are not part of the exact ones
+        channels = sketch_channels_for(cfg.active, reuse, sparsity) if auto else cfg.router_channels
         approx = cfg.router_approx
         if approx is None:
             approx = SKETCH_APPROX_DEFAULT if cfg.tau is None else 0.0
         threshold = cfg.router_threshold
         if threshold is None:
             threshold = cfg.tau is None
-        return {"kind": "sketch", "options": {"channels": channels, "auto": auto, "reuse": cfg.router_reuse,
-                                              "approx": approx, "threshold": threshold}}
+        options = {"channels": channels, "auto": auto, "reuse": reuse, "approx": approx, "threshold": threshold}
+        return {"kind": "sketch", "options": {**options, "sparsity": sparsity} if sparsity else options}
     return {"kind": kind}
 
 
@@ -143,6 +145,9 @@ def build_router(moe: MoEFFN, inputs: torch.Tensor, cfg, router_inputs: torch.Te
     elif kind == "mlp":
         return train_mlp_router(moe, inputs, loss=cfg.router_loss, steps=cfg.router_steps,
                                 lr=cfg.router_lr, seed=cfg.seed, router_inputs=router_inputs)
-    elif kind == "sketch" and moe.router.threshold:
-        moe.fit_score_quantiles(inputs)
+    elif kind == "sketch":
+        if moe.router.sparsity:
+            moe.fit_sketch_sparsity(inputs)
+        if moe.router.threshold:
+            moe.fit_score_quantiles(inputs)
     return {"router_recall": recall(moe, inputs[: len(inputs) // 10 or 1])}

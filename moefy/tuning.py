@@ -264,12 +264,15 @@ def tune(m: MoEModel, cfg: TuneConfig = TuneConfig(), checkpoint: str | os.PathL
 def _refit_score_quantiles(m: MoEModel, blocks: torch.Tensor, tokens: int = 1024) -> int:
     """Sketch routers with score thresholds: their quantiles fitted again on the tuned model's own
     layer inputs (the first `tokens` of the tuning data), so that the thresholds keep the budget's
-    mean counts with the tuned weights. Returns the tokens used (0: nothing to refit)."""
-    if not any(getattr(layer.router, "grid", None) for layer in m.layers):
+    mean counts with the tuned weights; a pruned sketch's density too (its masks follow the
+    weights). Returns the tokens used (0: nothing to refit)."""
+    if not any(getattr(layer.router, "grid", None) or getattr(layer.router, "sparsity", 0) for layer in m.layers):
         return 0
     take = blocks[:max(1, math.ceil(tokens / blocks.shape[1]))]
     with torch.no_grad():
         for layer, x in zip(m.layers, m.layer_inputs(take)):
+            if getattr(layer.router, "sparsity", 0):  # the masks follow the tuned weights
+                layer.fit_sketch_sparsity(x, tokens, norms=False)
             if getattr(layer.router, "grid", None):
                 layer.fit_score_quantiles(x, tokens)
     for layer in m.layers:

@@ -318,3 +318,31 @@ def test_sketch_thresholds_by_default_and_their_errors(tokenizer):
     with pytest.raises(ConfigError, match="no fitted score quantiles"):
         m.set_router_threshold(True)
     m.set_router_threshold(False)  # already so: allowed
+
+
+def test_pruned_sketch_converts_saves_and_reloads_exactly(tokenizer, tmp_path, ids):
+    """--router-sparsity: the conversion fits each layer's channel norms and sketch density; the
+    channels follow the active share at 0.8 x share / (1 - s); the folder reloads with them, in
+    moefy and in plain transformers."""
+    m = moefy.convert(tiny_model("llama"), moe=fast_cfg(router="sketch", num_experts=64, shared=0.0, active=0.5,
+                                                        router_sparsity=0.5), data=DATA, tokenizer=tokenizer)
+    layer = m.layers[0]
+    r = layer.router
+    assert r.sparsity == 0.5 and not r.reuse and r.channels == 0.8  # 0.8 x 0.5 / (1 - 0.5)
+    assert float(r.channel_norms.min()) > 0 and 0.5 <= r.density_at(r.kept) < 1
+    assert m.record["moe"]["router_sparsity"] == 0.5
+    assert layer.flops_per_token(layer.top_k) <= 0.5 * layer.dense_flops_per_token()
+    m.set_active(0.25)
+    assert r.channels == 0.4
+    m.set_active(0.5)
+    expected = outputs(m.model, ids)
+    path = moefy.save(m, tmp_path / "run")
+    reloaded = moefy.load(path)
+    assert reloaded.layers[0].router.sparsity == 0.5 and reloaded.layers[0].top_k == layer.top_k
+    torch.testing.assert_close(reloaded.layers[0].router.channel_norms, r.channel_norms, atol=0, rtol=0)
+    torch.testing.assert_close(outputs(reloaded.model, ids), expected, atol=0, rtol=0)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+    torch.testing.assert_close(outputs(hf, ids), expected, atol=1e-4, rtol=1e-4)  # the torch paths, not the kernels
+    for bad, match in ((dict(router_sparsity=0.5), "--router sketch"), (dict(router="sketch", router_sparsity=1.0), r"\[0, 1\)")):
+        with pytest.raises(ConfigError, match=match):
+            moefy.convert(tiny_model("llama"), moe=fast_cfg(**bad), data=DATA, tokenizer=tokenizer)

@@ -511,3 +511,122 @@ def test_sketch_gemm_path_passes_gradients_to_its_input():
     ref = x.detach().clone().requires_grad_(True)
     threshold_reference(moe, ref)[0].square().sum().backward()
     torch.testing.assert_close(x.grad, ref.grad, atol=1e-3, rtol=1e-4)
+
+
+def pruned_moe(kind="swiglu", bias=False, shared=0, n=1, approx=0.3, threshold=False, sparsity=0.5, top_k=None):
+    """A sketch-router layer whose sketch reads pruned weights, calibrated on 400 random tokens
+    whose channels have different scales (so the channel norms matter to the pruning)."""
+    E = (I - shared) // n
+    _, moe = make_moe(kind, bias, shared, E=E, top_k=top_k or max(1, E // 4), router="sketch", channels=0.5,
+                      approx=approx, threshold=threshold, sparsity=sparsity)
+    g = torch.Generator().manual_seed(7)
+    calib = torch.randn(400, D, generator=g) * torch.rand(D, generator=g).mul(3).add(0.1)
+    moe.fit_sketch_sparsity(calib)
+    if threshold:
+        moe.fit_score_quantiles(calib)
+    return moe.requires_grad_(False), calib
+
+
+def pruned_copy(moe):
+    """The same layer with its gate and up weights pruned as the sketch prunes them (every row keeps
+    its largest |w_ij| x ||x_j||) and an unpruned sketch: what the pruned sketch must score like."""
+    E, n, D_ = moe.w_in.shape
+    keep = D_ - round(moe.router.sparsity * D_)
+    copy = MoEFFN({**moe.spec, "router": {"kind": "sketch", "options": {"channels": moe.router.channels}}})
+    copy.load_state_dict(moe.state_dict(), strict=False)
+    with torch.no_grad():
+        for w in (copy.w_in, copy.w_up):
+            if w is None:
+                continue
+            flat = w.view(E * n, D_)
+            score = flat.abs() * moe.router.channel_norms
+            flat.mul_(torch.zeros_like(flat).scatter_(1, score.topk(keep, dim=1).indices, 1.0))
+    return copy
+
+
+@pytest.mark.parametrize("kind,bias,shared", CASES)
+@pytest.mark.parametrize("n", [1, 6])
+@pytest.mark.parametrize("threshold", [False, True])
+def test_pruned_sketch_matches_reference(kind, bias, shared, n, threshold, path):
+    """--router-sparsity: the sketch scores (and estimates the sketched experts) with the pruned
+    weights, the exact experts use the full ones, on every path (torch, kernels; one token, few,
+    many); reuse is off."""
+    moe, _ = pruned_moe(kind, bias, shared, n, threshold=threshold)
+    pruned = pruned_copy(moe)
+    assert not moe._sketch_reuse
+    x = torch.randn(20, D)
+    unpruned = MoEFFN({**moe.spec, "router": {"kind": "sketch", "options": {"channels": moe.router.channels}}})
+    unpruned.load_state_dict(moe.state_dict(), strict=False)
+    assert not torch.allclose(moe.router(x), unpruned.router(x), atol=1e-3)  # the pruning changes the scores
+    for rows in (x, x[:1], x[3:6]):
+        torch.testing.assert_close(moe.router(rows), pruned.router(rows), atol=1e-4, rtol=1e-4)
+        scores = moe.router(rows)
+        kept = rows.abs().topk(moe.router.kept, dim=-1).indices
+        masked = torch.zeros_like(rows).scatter_(-1, kept, rows.gather(-1, kept))
+        sketched_out = pruned.expert_outputs(masked)  # [E, T, D]
+        if threshold:
+            t1, t2 = moe.thresholds()
+            exact, sketched = scores >= t1, (scores >= t2) & (scores < t1)
+        else:
+            top = scores.topk(moe.top_k + moe.approx_k, dim=-1).indices
+            exact = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, top[:, :moe.top_k], True)
+            sketched = torch.zeros_like(exact).scatter_(1, top[:, moe.top_k:], True)
+        extra = torch.stack([sketched_out[sketched[t], t].sum(0) for t in range(len(rows))])
+        torch.testing.assert_close(moe(rows), moe.forward_reference(rows, exact) + extra, atol=1e-4, rtol=1e-5)
+
+
+def test_pruned_sketch_costs_its_nonzero_products():
+    """The sketch's FLOPs are its nonzero products on the kept channels, as measured on the
+    calibration text; the exact experts pay for every channel (no reuse)."""
+    moe, calib = pruned_moe(sparsity=0.5)
+    r = moe.router
+    E, n, _ = moe.w_in.shape
+    masks = moe._sketch_masks()
+    assert all(int(m.sum(1).min()) == int(m.sum(1).max()) == D - 12 for m in masks)  # each row keeps half
+    kept = calib.abs().topk(r.kept, dim=-1).indices
+    x = calib[torch.linspace(0, len(calib) - 1, len(calib)).long()]
+    nnz = sum(m.sum(0).float() for m in masks)[x.abs().topk(r.kept, dim=-1).indices].sum(-1).mean()
+    assert r.density_at(r.kept) == pytest.approx(float(nnz) / (r.kept * 2 * E * n), rel=1e-5)
+    assert 0.5 < r.density_at(r.kept) < 1  # the larger channels keep more of their weights
+    assert r.flops_per_token() == pytest.approx(2 * r.kept * E * n * 2 * r.density_at(r.kept) + 2 * E * n * n)
+    assert moe._expert_flops() == 2 * 3 * D * n  # no partial sums to start from
+    assert kept.shape[1] == r.kept
+    with pytest.raises(ValueError, match="reuse"):
+        moe.set_router_reuse(True)
+    with pytest.raises(ValueError, match="reuse"):
+        make_moe(router="sketch", channels=0.5, reuse=True, sparsity=0.5)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        make_moe(router="sketch", channels=0.5, sparsity=1.0)
+    _, plain = make_moe(router="sketch", channels=0.5)
+    with pytest.raises(ValueError, match="pruned"):
+        plain.fit_sketch_sparsity(calib)
+    # saved and loaded: the norms, the density and the masks come back
+    fresh = MoEFFN(moe.spec)
+    fresh.load_state_dict(moe.state_dict())
+    x = torch.randn(7, D)
+    torch.testing.assert_close(fresh(x), moe(x))
+    assert fresh.router.flops_per_token() == r.flops_per_token()
+
+
+def test_pruned_sketch_trains_through_its_masks():
+    """The training path gives the inference output; the sketched experts' gradient reaches only
+    the weights the sketch keeps, and the masks follow the weights once they change."""
+    moe, _ = pruned_moe(top_k=4)
+    moe.requires_grad_(True)
+    x = torch.randn(6, D)
+    with torch.no_grad():
+        expected = moe(x)
+    moe.w_in.requires_grad_(True)
+    with torch.enable_grad():
+        y = moe(x)
+        torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-5)
+        # only the sketch path: the exact experts' rows see every channel
+        h = moe._sketch_hidden(x, x.abs().topk(moe.router.kept, dim=-1).indices)[0]
+        moe.w_in.grad = None
+        h.sum().backward()
+    pruned_away = ~moe._sketch_masks()[0]
+    assert moe.w_in.grad.flatten(0, 1)[pruned_away].abs().max() == 0
+    before = moe._sketch_weights()[0].clone()
+    with torch.no_grad():
+        moe.w_in.mul_(torch.rand_like(moe.w_in))
+    assert not torch.equal(before, moe._sketch_weights()[0])

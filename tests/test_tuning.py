@@ -255,3 +255,16 @@ def test_bf16_tuning_keeps_fp32_weights_and_learns_like_fp32(base, tokenizer):
     assert abs(after["bf16"] - after["fp32"]) < 0.1 * after["fp32"], after
     blocks = moefy.data.blocks("pydoc:calib", tokenizer, 32)
     assert fingerprint(base, cfg(precision="fp32"), blocks) != fingerprint(base, cfg(precision="bf16"), blocks)
+
+
+def test_a_pruned_sketch_measures_its_density_again_after_tuning(tokenizer):
+    """The pruning masks follow the tuned weights, so the density that prices the sketch is
+    measured again on the tuned model's inputs; the channel norms stay the conversion's."""
+    m = moefy.convert(tiny_model("llama"), moe=MoEConfig(num_experts=64, active=0.5, shared=0.0, router="sketch",
+                                                         router_sparsity=0.5), data=DATA, tokenizer=tokenizer)
+    norms = [layer.router.channel_norms.clone() for layer in m.layers]
+    density = [layer.router.density.clone() for layer in m.layers]
+    record = tune(m, cfg(tokens=64 * 6, lr=1e-2))
+    assert record["score_quantiles_refit_tokens"] > 0
+    assert all(torch.equal(a, layer.router.channel_norms) for a, layer in zip(norms, m.layers))
+    assert any(not torch.equal(d, layer.router.density) for d, layer in zip(density, m.layers))

@@ -652,7 +652,7 @@ class MoEFFN(nn.Module):
                 torch.is_grad_enabled() and x.requires_grad):
             args = self._kernel_args(kern)
             if args is not None:
-                if (self._approx_on() or self.thresholded) and not self._sketch_reuse:
+                if (self._approx_on() or self.thresholded) and not self._sketch_reuse and not self._fused_pruned(T):
                     return self._sparse_approx(x.contiguous(), kern, args)
                 return self._sparse_kernel(kern, args, x.contiguous())
         if T >= SKETCH_GEMM_MIN_TOKENS and isinstance(self.router, SketchRouter) and not self.oracle \
@@ -673,6 +673,13 @@ class MoEFFN(nn.Module):
         self.experts_selected += k
         return y if self.shared_in is None else y + self._shared(x)
 
+    def _fused_pruned(self, T: int) -> bool:
+        """Whether the fused kernel takes this call for a pruned sketch (SketchRouter.sparsity): few
+        tokens, one-neuron experts, a fixed top-k or thresholds, the layer's own input. It computes
+        the selected neurons from every channel (no reuse), as the torch paths do."""
+        return (getattr(self.router, "sparsity", 0) > 0 and self.tau is None and T <= KERNEL_FUSED_MAX_TOKENS
+                and self.spec["expert_size"] == 1 and not self.oracle and self.router_input == "own")
+
     def _kernel_args(self, kern):
         """The kernels' view of this layer's weights, rebuilt whenever a weight tensor changed."""
         cached = self.__dict__.get("_kargs")
@@ -688,7 +695,7 @@ class MoEFFN(nn.Module):
         T = x.shape[0]
         self.tokens_seen += T
         few = T <= KERNEL_FUSED_MAX_TOKENS
-        if self._sketch_reuse and not self.oracle and self.router_input == "own":
+        if (self._sketch_reuse or self._fused_pruned(T)) and not self.oracle and self.router_input == "own":
             return self._sketch_kernel(kern, args, x)
         if self.tau is None:
             self.experts_selected += T * self.top_k
@@ -710,7 +717,7 @@ class MoEFFN(nn.Module):
         if self.tau is None and x.shape[0] <= KERNEL_FUSED_MAX_TOKENS and self.spec["expert_size"] == 1:
             t_in, t_up, norms = self._sketch_weights()
             y, exact, sketched = kern.sketch_moe(args, x, self.top_k, self.router.kept, t_in, t_up, norms,
-                                                 sketched=kb, thresholds=thresholds)
+                                                 sketched=kb, thresholds=thresholds, reuse=self._sketch_reuse)
             self.experts_selected += exact
             self.sketched_selected += sketched
             return y

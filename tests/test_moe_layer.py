@@ -429,8 +429,8 @@ def test_sketch_threshold_keeps_the_budget_on_calibration_text():
 
 def test_sketch_threshold_state_and_switches():
     moe, calib = thresholded_moe(top_k=10)
-    fresh = MoEFFN(moe.spec)  # the grid is in the spec, the quantiles in the state dict
-    fresh.load_state_dict(moe.state_dict())
+    fresh = MoEFFN(moe.spec).requires_grad_(False)  # the grid is in the spec, the quantiles in the state dict
+    fresh.load_state_dict(moe.state_dict())  # (no grad: the same inference path as moe, not the training one)
     assert fresh.thresholded and fresh.thresholds() == moe.thresholds()
     x = torch.randn(5, D)
     torch.testing.assert_close(fresh(x), moe(x))
@@ -601,7 +601,7 @@ def test_pruned_sketch_costs_its_nonzero_products():
     with pytest.raises(ValueError, match="pruned"):
         plain.fit_sketch_sparsity(calib)
     # saved and loaded: the norms, the density and the masks come back
-    fresh = MoEFFN(moe.spec)
+    fresh = MoEFFN(moe.spec).requires_grad_(False)  # the inference path, as moe's
     fresh.load_state_dict(moe.state_dict())
     x = torch.randn(7, D)
     torch.testing.assert_close(fresh(x), moe(x))

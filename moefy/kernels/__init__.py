@@ -103,7 +103,7 @@ class Kernels:
         self._sketch_experts.restype = None
         self._sketch_moe = lib.moefy_sketch_moe
         self._sketch_moe.argtypes = [i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr,
-                                     ptr, ptr, ptr, c_int, ptr, c_int, ptr, ptr]
+                                     ptr, ptr, ptr, c_int, ptr, c_int, ptr, ptr, c_int]
         self._sketch_moe.restype = None
         self.weights_key = weights_key
 
@@ -179,9 +179,11 @@ class Kernels:
 
     def sketch_moe(self, args: "LayerArgs", x: torch.Tensor, k: int, kept: int, wt_in: torch.Tensor,
                    wt_up: torch.Tensor | None, out_norms: torch.Tensor, sketched: int = 0,
-                   thresholds: tuple[float, float] | None = None) -> tuple[torch.Tensor, int, int]:
-        """The whole layer for a sketch router with reuse over one-neuron experts, in one call:
-        kept channels, sketch, scores, selection, completion, shared neurons (b_out not added).
+                   thresholds: tuple[float, float] | None = None, reuse: bool = True) -> tuple[torch.Tensor, int, int]:
+        """The whole layer for a sketch router over one-neuron experts, in one call: kept
+        channels, sketch, scores, selection, completion, shared neurons (b_out not added). With
+        `reuse` the selected neurons complete the sketch's sums; without (a pruned sketch, whose
+        wt_in / wt_up are not the experts' weights) they are computed from every channel.
         Selection: a fixed top-k, with the `sketched` neurons ranked after the k adding their
         sketched activations through their down rows; or with `thresholds` (t_exact, t_sketched)
         the neurons scoring >= t_exact exactly and those in [t_sketched, t_exact) sketched.
@@ -193,7 +195,7 @@ class Kernels:
         counts = torch.zeros(2, dtype=torch.int64)
         self._sketch_moe(x.shape[0], x.shape[1], wt_in.shape[1], kept, k, sketched, x.data_ptr(), wt_in.data_ptr(),
                          _ptr(wt_up), b_in, out_norms.data_ptr(), w_in, w_up, w_out, S, s_in, s_up, s_b, s_out, act,
-                         y.data_ptr(), torch.get_num_threads(), _ptr(thr), counts.data_ptr())
+                         y.data_ptr(), torch.get_num_threads(), _ptr(thr), counts.data_ptr(), int(reuse))
         return y, int(counts[0]), int(counts[1])
 
     def mlp_moe(self, args: "LayerArgs", x: torch.Tensor, k: int) -> torch.Tensor:

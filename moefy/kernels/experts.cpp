@@ -528,7 +528,7 @@ void moefy_sketch_moe(int64_t T, int64_t D, int64_t I, int64_t c, int64_t K, int
                       const float* wt_in, const float* wt_up, const float* b_in, const float* out_norms,
                       const float* w_in, const float* w_up, const float* w_out, int64_t S, const float* s_in,
                       const float* s_up, const float* s_b, const float* s_out, int act, float* y, int threads,
-                      const float* thr, int64_t* counts) {
+                      const float* thr, int64_t* counts, int reuse) {
   if (thr) K = KB = 0;
   std::vector<int64_t> kept((size_t)T * c), chosen((size_t)T * (K + KB)), exact((size_t)T * K), extra((size_t)T * KB);
   std::vector<int64_t> off, off_x;
@@ -580,7 +580,11 @@ void moefy_sketch_moe(int64_t T, int64_t D, int64_t I, int64_t c, int64_t K, int
     std::copy(ct, ct + K, exact.begin() + t * K);
     std::copy(ct + K, ct + K + KB, extra.begin() + t * KB);
   }
-  moefy_sketch_experts(T, D, 1, c, x, kept.data(), gp.data(), wt_up ? upp.data() : nullptr, I,
+  if (!reuse) {  // the sketch read other weights (a pruned copy): the exact neurons start from 0, all channels
+    std::fill(gp.begin(), gp.end(), 0.0f);
+    std::fill(upp.begin(), upp.end(), 0.0f);
+  }
+  moefy_sketch_experts(T, D, 1, reuse ? c : 0, x, kept.data(), gp.data(), wt_up ? upp.data() : nullptr, I,
                        thr ? off.data() : nullptr, K, exact.data(), w_in, w_up, b_in, w_out, act, y, threads, KB,
                        extra.data(), h.data(), thr ? off_x.data() : nullptr);
   if (!S) return;

@@ -711,7 +711,8 @@ class MoEFFN(nn.Module):
     def _sketch_kernel(self, kern, args, x):
         """The compiled path of a sketch router with reuse: the selected neurons complete the
         sketch's partial sums over the channels it did not read; sketched experts (approx_k) join
-        their down projection."""
+        their down projection. A pruned sketch takes its fused branch too (_fused_pruned), with
+        the selected neurons computed from every channel."""
         kb = self.approx_k if self._approx_on() else 0
         thresholds = self.thresholds() if self.thresholded else None
         if self.tau is None and x.shape[0] <= KERNEL_FUSED_MAX_TOKENS and self.spec["expert_size"] == 1:

@@ -15,8 +15,8 @@ optimizer state, the data order, a fingerprint of model, settings and data) so a
 resumes where its last checkpoint left it.
 
 Precision: by default ("auto") the forward passes of student and teacher run under bf16 autocast
-where the device multiplies bf16 natively (a CPU with AVX512-BF16 or AMX, a recent GPU): 1.65x
-faster steps on this project's 2-core machines, so more steps in the same minutes. The weights,
+where the device multiplies bf16 natively (a CPU with AVX512-BF16 or AMX, a recent GPU): steps
+1.4-1.7x faster on session 12's 2-core machine (BENCHMARKS.md), so more of them in the same minutes. The weights,
 gradients and optimizer state stay fp32. Elsewhere it is fp32.
 
 # B blocks per step, L tokens per block, V vocabulary

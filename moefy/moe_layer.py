@@ -324,6 +324,12 @@ def kept_channels(x: torch.Tensor, kept: int) -> torch.Tensor:
     return x.abs().topk(kept, dim=-1).indices
 
 
+def spaced(rows: torch.Tensor, count: int) -> torch.Tensor:
+    """An evenly spaced `count` of the rows [N, ...] (all of them when fewer): the calibration
+    tokens a layer's score quantiles and pruned-sketch density are fitted on."""
+    return rows[torch.linspace(0, len(rows) - 1, min(count, len(rows))).long()]
+
+
 def _flat(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(expert ids of every token, flat [P], token offsets [T + 1]) of a selection mask [T, E]."""
     return mask.nonzero()[:, 1].contiguous(), F.pad(mask.sum(1).cumsum(0), (1, 0))
@@ -555,7 +561,7 @@ class MoEFFN(nn.Module):
         if not isinstance(r, SketchRouter):
             raise ValueError(f"only a sketch router selects by score thresholds, not {self.spec['router']['kind']!r}")
         D = self.w_in.shape[2]
-        x = inputs[torch.linspace(0, len(inputs) - 1, min(tokens, len(inputs))).long()].to(self.w_in.dtype)
+        x = spaced(inputs, tokens).to(self.w_in.dtype)
         grid = sorted({max(1, min(D, round(c * D))) for c in SCORE_GRID} | {r.kept})
         levels = torch.linspace(0, 1, SCORE_QUANTILES + 1, dtype=torch.float64)
         rows = []
@@ -578,7 +584,7 @@ class MoEFFN(nn.Module):
             raise ValueError("only a pruned sketch router (sparsity > 0) has channel norms and a density to fit")
         if norms:
             r.channel_norms.copy_(inputs.float().norm(dim=0))
-        x = inputs[torch.linspace(0, len(inputs) - 1, min(tokens, len(inputs))).long()].float()
+        x = spaced(inputs, tokens).float()
         masks = [m for m in self._cached("sketch_masks", self._sketch_masks) if m is not None]
         kept_per_channel = sum(m.sum(0).float() for m in masks)  # [D]: nonzeros a channel brings
         rows = sum(m.shape[0] for m in masks)  # what a channel brings unpruned
@@ -673,12 +679,17 @@ class MoEFFN(nn.Module):
         self.experts_selected += k
         return y if self.shared_in is None else y + self._shared(x)
 
+    def _fused_sketch(self, T: int) -> bool:
+        """Whether the fused sketch kernel (kern.sketch_moe) can take T tokens: few of them,
+        one-neuron experts, a fixed top-k or thresholds."""
+        return self.tau is None and T <= KERNEL_FUSED_MAX_TOKENS and self.spec["expert_size"] == 1
+
     def _fused_pruned(self, T: int) -> bool:
-        """Whether the fused kernel takes this call for a pruned sketch (SketchRouter.sparsity): few
-        tokens, one-neuron experts, a fixed top-k or thresholds, the layer's own input. It computes
-        the selected neurons from every channel (no reuse), as the torch paths do."""
-        return (getattr(self.router, "sparsity", 0) > 0 and self.tau is None and T <= KERNEL_FUSED_MAX_TOKENS
-                and self.spec["expert_size"] == 1 and not self.oracle and self.router_input == "own")
+        """Whether the fused kernel takes this call for a pruned sketch (SketchRouter.sparsity), on
+        the layer's own input. It computes the selected neurons from every channel (no reuse), as
+        the torch paths do."""
+        return (getattr(self.router, "sparsity", 0) > 0 and self._fused_sketch(T) and not self.oracle
+                and self.router_input == "own")
 
     def _kernel_args(self, kern):
         """The kernels' view of this layer's weights, rebuilt whenever a weight tensor changed."""
@@ -715,7 +726,7 @@ class MoEFFN(nn.Module):
         the selected neurons computed from every channel."""
         kb = self.approx_k if self._approx_on() else 0
         thresholds = self.thresholds() if self.thresholded else None
-        if self.tau is None and x.shape[0] <= KERNEL_FUSED_MAX_TOKENS and self.spec["expert_size"] == 1:
+        if self._fused_sketch(x.shape[0]):
             t_in, t_up, norms = self._sketch_weights()
             y, exact, sketched = kern.sketch_moe(args, x, self.top_k, self.router.kept, t_in, t_up, norms,
                                                  sketched=kb, thresholds=thresholds, reuse=self._sketch_reuse)

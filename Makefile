@@ -31,7 +31,7 @@ setup: $(BIN)/moefy
 
 demo: setup
 	$(BIN)/moefy convert --router sketch --experts 1536 --shared 0 --router-sparsity 0.33 --router-approx 0.4 \
-		--out runs/smol-moe --overwrite
+		--refit-down 1.0 --out runs/smol-moe --overwrite
 
 test: setup $(OLDEST)/ready
 	$(BIN)/python -m pytest -q

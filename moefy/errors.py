@@ -33,5 +33,9 @@ class OutOfSpace(MoefyError):
     pass
 
 
+class OutOfMemory(MoefyError):
+    pass
+
+
 class ResumeMismatch(MoefyError):
     pass

@@ -149,3 +149,31 @@ def test_nan_weights_name_the_layer(dense, tmp_path):
           tmp_path, tmp_path / "o")
     fails(["prune", str(folder), "--out", str(tmp_path / "o"), "--calib", "pydoc", "--calib-tokens", "256",
            "--seq-len", "32", "--no-eval"], "FFN inputs of layer 1", tmp_path, tmp_path / "o")
+
+
+def test_calibration_inputs_that_do_not_fit_in_memory(dense, tmp_path, monkeypatch):
+    import psutil
+
+    class Memory:  # the tiny model's 512 tokens keep 512 x hidden x 4 bytes a layer: more than 1 KiB
+        available = 1024
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Memory)
+    fails(["convert", "--model", str(dense), "--out", str(tmp_path / "o"), *FAST],
+          "lower --calib-tokens, or add --layerwise", tmp_path, tmp_path / "o")
+    r = runner.invoke(app, ["convert", "--model", str(dense), "--out", str(tmp_path / "lw"), *FAST, "--layerwise"])
+    assert r.exit_code == 0, r.output  # one layer at a time: the check is the all-at-once path's
+
+
+def test_memory_check_counts_every_layer(dense):
+    from moefy.arch import family_for
+    from moefy.convert import check_memory
+    from moefy.errors import OutOfMemory
+    from moefy.models import load
+
+    model = load(str(dense)).model
+    family = family_for(model.config)
+    blocks = family.block_list(model)
+    per_token = 4 * family.dense_ffn(blocks[0], model.config).hidden * len(blocks)
+    check_memory(model, 100, available=100 * per_token)  # exactly fits
+    with pytest.raises(OutOfMemory, match="100 calibration tokens keep"):
+        check_memory(model, 100, available=100 * per_token - 1)

@@ -8,6 +8,7 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 
+import psutil
 import torch
 from tqdm.auto import tqdm
 
@@ -270,8 +271,6 @@ def check_memory(model, tokens: int, available: int | None = None):
     their thresholds and the down refit are fitted on them), 4 bytes x hidden size a token and a
     layer. SmolLM2-135M at 65,536 tokens: 4.2 GiB of inputs, 8.7 GiB peak. `available`: bytes
     free (default: what the OS reports)."""
-    import psutil
-
     family = family_for(model.config)
     blocks = family.block_list(model)
     hidden = family.dense_ffn(blocks[0], model.config).hidden

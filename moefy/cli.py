@@ -191,6 +191,8 @@ def tune(
                                            "tuned experts' output norms on the tuned model's own inputs (default: on "
                                            "when every router is a trained mlp)."),
     router_lr: float = typer.Option(1e-3, help="Peak learning rate of the routers with --routers."),
+    other_lr: Optional[float] = typer.Option(None, help="Peak learning rate of attention and norms with --train all "
+                                             "(default: --lr)."),
     batch_size: int = typer.Option(4, help="Blocks per step."),
     seq_len: int = typer.Option(256, help="Tokens per block."),
     active: Optional[float] = typer.Option(None, help="Tune at this FFN compute share (default: the saved top-k)."),
@@ -223,7 +225,7 @@ def tune(
         if out.resolve() == run.resolve():
             raise ConfigError("--out must differ from the input folder (the input is never modified)")
         cfg = TuneConfig(data=data, seq_len=seq_len, batch_size=batch_size, minutes=minutes, tokens=tokens, lr=lr,
-                         train=train, routers=routers, router_lr=router_lr, checkpoint_minutes=checkpoint_minutes,
+                         train=train, other_lr=other_lr, routers=routers, router_lr=router_lr, checkpoint_minutes=checkpoint_minutes,
                          seed=seed, precision=precision)
         cfg.validate()
         check_target(out, overwrite)

@@ -67,6 +67,8 @@ class TuneConfig:
     lr: float = 3e-4                 # peak AdamW learning rate (3e-4 beat 1e-4 at 20 steps, BENCHMARKS.md)
     warmup: int = 10                 # linear warm-up steps
     train: str = "ffn"               # "ffn": experts + shared neurons; "all": also attention and norms
+    other_lr: float | None = None    # peak learning rate of attention and norms with train="all"
+                                     # (None: lr; at 25% lr 1e-3 on them was worse than not training them)
     routers: bool | None = None      # refit MLP routers online to the tuned experts' output norms
                                      # (None: when every router is a trained mlp; it won in BENCHMARKS.md)
     router_lr: float = 1e-3          # peak learning rate of the routers (same schedule)
@@ -87,6 +89,11 @@ class TuneConfig:
             raise ConfigError(f"unknown --train {self.train!r}; choose ffn or all")
         if not 0 < self.lr < 1 or not 0 < self.router_lr < 1:
             raise ConfigError(f"learning rates must be in (0, 1), got {self.lr} and {self.router_lr} (routers)")
+        if self.other_lr is not None:
+            if self.train != "all":
+                raise ConfigError("--other-lr sets the learning rate of attention and norms; it needs --train all")
+            if not 0 < self.other_lr < 1:
+                raise ConfigError(f"--other-lr must be in (0, 1), got {self.other_lr}")
         if self.batch_size < 1 or self.seq_len < 8:
             raise ConfigError("batch size must be positive and seq_len at least 8")
         if self.checkpoint_minutes <= 0:
@@ -165,6 +172,8 @@ def fingerprint(m: MoEModel, cfg: TuneConfig, blocks: torch.Tensor) -> str:
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("minutes", "tokens", "checkpoint_minutes")}
     if settings["precision"] == "fp32":  # checkpoints written before the option resume as they did
         del settings["precision"]
+    if settings["other_lr"] is None:
+        del settings["other_lr"]
     h.update(json.dumps(settings, sort_keys=True).encode())
     h.update(blocks.numpy().tobytes())
     return h.hexdigest()[:16]
@@ -198,7 +207,12 @@ def tune(m: MoEModel, cfg: TuneConfig = TuneConfig(), checkpoint: str | os.PathL
     m.model.requires_grad_(False)
     for p in (*params.values(), *routers.values()):
         p.requires_grad_(True)
-    groups = [{"params": list(params.values()), "lr": cfg.lr, "peak_lr": cfg.lr}]
+    ffn_ids = {id(getattr(layer, n)) for layer in m.layers for n in TRAINABLE["ffn"] if getattr(layer, n) is not None}
+    other_lr = cfg.lr if cfg.other_lr is None else cfg.other_lr
+    groups = [{"params": [p for p in params.values() if id(p) in ffn_ids], "lr": cfg.lr, "peak_lr": cfg.lr}]
+    others = [p for p in params.values() if id(p) not in ffn_ids]
+    if others:
+        groups.append({"params": others, "lr": other_lr, "peak_lr": other_lr})
     if routers:
         groups.append({"params": list(routers.values()), "lr": cfg.router_lr, "peak_lr": cfg.router_lr})
     opt = torch.optim.AdamW(groups, weight_decay=0.0)

@@ -123,6 +123,24 @@ def test_what_is_trained(converted):
     assert any("self_attn" in n for n in every) and not any("embed" in n or ".router." in n for n in every)
 
 
+def test_other_lr_sets_the_rate_of_attention_and_norms(converted, base):
+    tune(converted, cfg(train="all", other_lr=1e-8))
+    delta = {n: (a - b).abs().max().item() for (n, a), (_, b)
+             in zip(converted.model.named_parameters(), base.model.named_parameters())}
+    ffn = trainable_parameters(base, "ffn")
+    others = [n for n in trainable_parameters(base, "all") if n not in ffn]
+    assert any("self_attn" in n for n in others)
+    assert max(delta[n] for n in ffn) > 1e-3          # the experts learn at lr 3e-3
+    assert max(delta[n] for n in others) < 1e-5       # attention and norms at 1e-8: AdamW moves them ~1e-8 a step
+
+
+def test_other_lr_needs_train_all():
+    with pytest.raises(ConfigError, match="--train all"):
+        cfg(other_lr=1e-4).validate()
+    with pytest.raises(ConfigError, match="other-lr"):
+        cfg(train="all", other_lr=2.0).validate()
+
+
 class Stop(Exception):
     pass
 

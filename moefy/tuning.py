@@ -151,8 +151,7 @@ def trainable_parameters(m: MoEModel, what: str) -> dict[str, torch.nn.Parameter
     (routers never learn from the distillation loss, since top-k passes no gradient: with
     cfg.routers they learn their own objective, _RouterFit; the head and embeddings are most of
     a small model's weights and are not where the MoE error is)."""
-    moe_names = {id(getattr(layer, n)) for layer in m.layers for n in TRAINABLE["ffn"]
-                 if getattr(layer, n) is not None}
+    moe_names = _ffn_parameter_ids(m)
     out = {}
     for name, p in m.model.named_parameters():
         if id(p) in moe_names:
@@ -161,6 +160,11 @@ def trainable_parameters(m: MoEModel, what: str) -> dict[str, torch.nn.Parameter
                 and "wte" not in name and "wpe" not in name:
             out[name] = p
     return out
+
+
+def _ffn_parameter_ids(m: MoEModel) -> set[int]:
+    """ids of the experts' and shared neurons' parameters (TRAINABLE["ffn"]) of every MoE layer."""
+    return {id(getattr(layer, n)) for layer in m.layers for n in TRAINABLE["ffn"] if getattr(layer, n) is not None}
 
 
 def fingerprint(m: MoEModel, cfg: TuneConfig, blocks: torch.Tensor) -> str:
@@ -207,7 +211,7 @@ def tune(m: MoEModel, cfg: TuneConfig = TuneConfig(), checkpoint: str | os.PathL
     m.model.requires_grad_(False)
     for p in (*params.values(), *routers.values()):
         p.requires_grad_(True)
-    ffn_ids = {id(getattr(layer, n)) for layer in m.layers for n in TRAINABLE["ffn"] if getattr(layer, n) is not None}
+    ffn_ids = _ffn_parameter_ids(m)
     other_lr = cfg.lr if cfg.other_lr is None else cfg.other_lr
     groups = [{"params": [p for p in params.values() if id(p) in ffn_ids], "lr": cfg.lr, "peak_lr": cfg.lr}]
     others = [p for p in params.values() if id(p) not in ffn_ids]

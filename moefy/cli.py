@@ -225,8 +225,8 @@ def tune(
         if out.resolve() == run.resolve():
             raise ConfigError("--out must differ from the input folder (the input is never modified)")
         cfg = TuneConfig(data=data, seq_len=seq_len, batch_size=batch_size, minutes=minutes, tokens=tokens, lr=lr,
-                         train=train, other_lr=other_lr, routers=routers, router_lr=router_lr, checkpoint_minutes=checkpoint_minutes,
-                         seed=seed, precision=precision)
+                         train=train, other_lr=other_lr, routers=routers, router_lr=router_lr,
+                         checkpoint_minutes=checkpoint_minutes, seed=seed, precision=precision)
         cfg.validate()
         check_target(out, overwrite)
         m = _open_run(run, json_out, overwrite, active=active, tau=tau, router_channels=router_channels,

@@ -151,10 +151,10 @@ def trainable_parameters(m: MoEModel, what: str) -> dict[str, torch.nn.Parameter
     (routers never learn from the distillation loss, since top-k passes no gradient: with
     cfg.routers they learn their own objective, _RouterFit; the head and embeddings are most of
     a small model's weights and are not where the MoE error is)."""
-    moe_names = _ffn_parameter_ids(m)
+    ffn_ids = _ffn_parameter_ids(m)
     out = {}
     for name, p in m.model.named_parameters():
-        if id(p) in moe_names:
+        if id(p) in ffn_ids:
             out[name] = p
         elif what == "all" and ".router." not in name and "embed" not in name and "lm_head" not in name \
                 and "wte" not in name and "wpe" not in name:

@@ -30,6 +30,9 @@ def _run(fn):
 ROUTER_CHANNELS = typer.Option(None, help="Override a sketch router's share of input channels (applied before --active).")
 ROUTER_APPROX = typer.Option(None, help="Override a sketch router's approx share (sketched experts; applied before "
                                         "--active).")
+ROUTER_REUSE = typer.Option(None, "--router-reuse/--no-router-reuse",
+                            help="Override whether a sketch router's selected neurons start from its sums (their "
+                                 "FLOPs, so the top-k a share allows, change; applied before --active).")
 ROUTER_THRESHOLD = typer.Option(None, "--router-threshold/--router-top-k",
                                 help="Override how a sketch router selects: by its score thresholds (a model "
                                      "converted with them) or a fixed top-k.")
@@ -51,11 +54,12 @@ def convert(
                                                                "(largest |x|) it reads, in (0, 1] (default: 0.8 x "
                                                                "the active share, following --active later)."),
     router_reuse: bool = typer.Option(True, help="sketch router: the selected neurons start from the sketch's sums "
-                                                 "and add only the channels it did not read (fewer FLOPs per neuron)."),
+                                                 "and add only the products it left out (fewer FLOPs per neuron; "
+                                                 "with --router-sparsity counted, not yet executed: BENCHMARKS.md)."),
     router_sparsity: float = typer.Option(0.0, help="sketch router: share of each neuron's gate and up weights the "
                                                     "sketch leaves out (smallest |w| x calibration ||x||), so it reads "
-                                                    "more channels for the same FLOPs; turns reuse off. 0.6 at 25% "
-                                                    "active, 0.33 at 50% were best on SmolLM2."),
+                                                    "more channels for the same FLOPs. 0.6 at 25% active, 0.33 at "
+                                                    "50% were best on SmolLM2."),
     router_approx: Optional[float] = typer.Option(None, help="sketch router: share of the routed FLOP budget given to "
                                                              "sketched experts, the ones ranked next, which add their "
                                                              "sketched activations through their down rows alone, in "
@@ -152,6 +156,7 @@ def eval_cmd(
     tau: Optional[float] = typer.Option(None, help="Override with dynamic-k at this threshold."),
     router_channels: Optional[float] = ROUTER_CHANNELS,
     router_approx: Optional[float] = ROUTER_APPROX,
+    router_reuse: Optional[bool] = ROUTER_REUSE,
     router_threshold: Optional[bool] = ROUTER_THRESHOLD,
     oracle: bool = typer.Option(False, help="Also score the same experts with perfect routing."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON here."),
@@ -165,10 +170,11 @@ def eval_cmd(
         from . import data as data_mod
 
         m = _open_run(run, json_out, overwrite, active=active, top_k=top_k, tau=tau, router_channels=router_channels,
-                      router_approx=router_approx, router_threshold=router_threshold)
+                      router_approx=router_approx, router_reuse=router_reuse,
+                      router_threshold=router_threshold)
         info = _run_info(m.record, "eval", run, {"data": data, "tokens": tokens, "seq_len": seq_len, "active": active,
                                                 "top_k": top_k, "tau": tau, "router_channels": router_channels,
-                                                "router_approx": router_approx,
+                                                "router_approx": router_approx, "router_reuse": router_reuse,
                                                 "router_threshold": router_threshold, "oracle": oracle})
         if m.record.get("kind") == "sparse_expansion":  # a `moefy prune` folder: no dense copy inside
             return _report_pruned(m, data_mod.blocks(data, m.tokenizer, seq_len, max_tokens=tokens), data, json_out,
@@ -198,6 +204,7 @@ def tune(
     active: Optional[float] = typer.Option(None, help="Tune at this FFN compute share (default: the saved top-k)."),
     router_channels: Optional[float] = ROUTER_CHANNELS,
     router_approx: Optional[float] = ROUTER_APPROX,
+    router_reuse: Optional[bool] = ROUTER_REUSE,
     router_threshold: Optional[bool] = ROUTER_THRESHOLD,
     tau: Optional[float] = typer.Option(None, help="Tune with dynamic-k at this threshold."),
     checkpoint_minutes: float = typer.Option(5.0, help="Minutes between checkpoints (in OUT.tuning/)."),
@@ -230,7 +237,8 @@ def tune(
         cfg.validate()
         check_target(out, overwrite)
         m = _open_run(run, json_out, overwrite, active=active, tau=tau, router_channels=router_channels,
-                      router_approx=router_approx, router_threshold=router_threshold)
+                      router_approx=router_approx, router_reuse=router_reuse,
+                      router_threshold=router_threshold)
         heldout = data_mod.blocks(eval_data, m.tokenizer, seq_len, max_tokens=eval_tokens) if evaluate else None
         checkpoint = out.parent / f"{out.name}.tuning"
         record = tune_fn(m, cfg, checkpoint=checkpoint, resume=resume, progress=True)
@@ -262,6 +270,7 @@ def bench(
     active: Optional[float] = typer.Option(None, help="Override: fixed top-k per layer for this FFN share."),
     router_channels: Optional[float] = ROUTER_CHANNELS,
     router_approx: Optional[float] = ROUTER_APPROX,
+    router_reuse: Optional[bool] = ROUTER_REUSE,
     router_threshold: Optional[bool] = ROUTER_THRESHOLD,
     overwrite: bool = typer.Option(False, help="Replace an existing --output-json file."),
 ):
@@ -276,7 +285,8 @@ def bench(
         from .io import write_json
 
         m = _open_run(run, output_json, overwrite, active=active, router_channels=router_channels,
-                      router_approx=router_approx, router_threshold=router_threshold)
+                      router_approx=router_approx, router_reuse=router_reuse,
+                      router_threshold=router_threshold)
         seq = max(input_len, prefill_tokens // 8)
         blocks = data_mod.blocks(data, m.tokenizer, seq, max_tokens=8 * seq, min_tokens=8 * seq)
         result = bench_mod.run(m, blocks, input_len=input_len, output_len=output_len, batch_size=batch_size,
@@ -666,7 +676,7 @@ def report(
 
 
 def _open_run(run, json_out, overwrite, active=None, top_k=None, tau=None, router_channels=None, router_approx=None,
-              router_threshold=None):
+              router_reuse=None, router_threshold=None):
     """Check the JSON target first (nothing is overwritten by surprise), load, apply overrides."""
     from . import load
     from .io import check_target
@@ -678,6 +688,8 @@ def _open_run(run, json_out, overwrite, active=None, top_k=None, tau=None, route
         m.set_router_channels(router_channels)
     if router_approx is not None:
         m.set_router_approx(router_approx)
+    if router_reuse is not None:
+        m.set_router_reuse(router_reuse)
     if router_threshold is not None:
         m.set_router_threshold(router_threshold)
     if active is not None:

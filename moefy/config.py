@@ -39,10 +39,10 @@ class MoEConfig:
     router_steps: int = 400          # Adam steps per layer for trained routers
     router_lr: float = 3e-3          # Adam learning rate for trained routers
     router_channels: float | None = None  # sketch router: share of each token's input channels (largest |x|) it reads, (0, 1]; None: 0.8 x active (0.6 x without reuse)
-    router_reuse: bool = True        # sketch router: the selected neurons complete its partial sums (their gate and up cost 1 - channels)
+    router_reuse: bool = True        # sketch router: the selected neurons complete its partial sums (their gate and up cost 1 - its products of them)
     router_approx: float | None = None  # sketch router: share of the routed budget for sketched experts (down rows x sketched activations), [0, 1); None: 0.3 with a fixed top-k, else 0
     router_threshold: bool | None = None  # sketch router: select by per-layer score thresholds fitted on calibration text (the top-k's mean counts) instead of the same top-k per token; None: on with a fixed top-k
-    router_sparsity: float = 0.0     # sketch router: share of each neuron's gate and up weights its sketch leaves out (Wanda scores), [0, 1); > 0 turns reuse off
+    router_sparsity: float = 0.0     # sketch router: share of each neuron's gate and up weights its sketch leaves out (Wanda scores), [0, 1)
     refit_down: float | None = None  # ridge strength of the down-row refit after the routers (refit.py), relative to the mean Gram diagonal, > 0; None: no refit
     marker_share: float = 0.25       # a neuron is "active" on a token when in that token's top share by |h|
     seed: int = 0                    # seeds grouping and router training

@@ -73,13 +73,17 @@ class MoEModel:
             layer.set_router_channels(channels)
 
     def set_router_reuse(self, reuse: bool):
-        """Whether every sketch router's selected neurons complete its partial sums (set the
-        active share after it: the neurons' cost, and so the top-k a share allows, changes)."""
+        """Whether every sketch router's selected neurons complete its partial sums. The neurons'
+        cost, and so the top-k a share allows, changes: the model's recorded active share is
+        applied again, when it has one and a fixed top-k (call set_active after it for another)."""
         kinds = {layer.spec["router"]["kind"] for layer in self.layers}
         if kinds != {"sketch"}:
             raise ConfigError(f"reusing partial sums applies to sketch routers; this model's are {', '.join(sorted(kinds))}")
         for layer in self.layers:
             layer.set_router_reuse(reuse)
+        share = self.record.get("moe", {}).get("active")
+        if share is not None and all(layer.top_k is not None for layer in self.layers):
+            self.set_active(share)
 
     def set_router_approx(self, approx: float):
         """Every sketch router's approx share (sketched experts, see MoEFFN.approx_k). The top-k a

@@ -148,8 +148,13 @@ class SketchRouter(nn.Module):
     2023; the channel norms ||x_j|| come from calibration text, fit_sketch_sparsity), so the
     sketch can read more channels for the same products: at equal FLOPs it finds the large
     contributions far better (BENCHMARKS.md). Its cost is the nonzero products on the kept
-    channels, as measured on calibration text (`density`). The selected neurons are then computed
-    from the full weights, without reuse: a pruned sketch's sums are not a part of the exact ones.
+    channels, as measured on calibration text (`density`). With `reuse` a selected neuron starts
+    from the pruned sketch's sums too and adds the products the sketch left out: the channels it
+    did not read and, on those it read, the weights its pruning dropped. So it costs its full
+    gate and up products less the sketch's nonzero ones. That saving is counted, not executed:
+    every path computes the selected neurons from the full weights (the same values), as the
+    compiled kernels multiply the pruned sketch's zeros (BENCHMARKS.md, "Reuse of a pruned
+    sketch's sums").
 
     `threshold`: instead of the same top-k for every token, an expert is exact when its score
     reaches a per-layer threshold (and sketched when it reaches a second, lower one). The
@@ -167,8 +172,6 @@ class SketchRouter(nn.Module):
         self.auto = auto  # the share follows the active FFN share (sketch_channels_for), see MoEModel.set_active
         if not 0 <= sparsity < 1:
             raise ValueError(f"sketch router sparsity must be in [0, 1), got {sparsity}")
-        if sparsity and reuse:
-            raise ValueError("a pruned sketch (sparsity > 0) has no partial sums to reuse; turn reuse off")
         self.sparsity = float(sparsity)
         if self.sparsity:  # fitted on calibration text (MoEFFN.fit_sketch_sparsity)
             self.register_buffer("channel_norms", torch.ones(hidden))
@@ -251,9 +254,10 @@ class SketchRouter(nn.Module):
         sketch = 2 * self.kept * E * n * matrices * self.density_at(self.kept)
         return sketch + 2 * E * n * n  # the sketch, then h^T G h per expert
 
-    def reused_flops_per_neuron(self) -> int:
-        """What a selected neuron saves by starting from the sketch's sums (0 without reuse)."""
-        return 2 * self.kept * self.shape[2] if self.reuse else 0
+    def reused_flops_per_neuron(self) -> float:
+        """What a selected neuron saves by starting from the sketch's sums (0 without reuse): the
+        sketch's products of that neuron, the nonzero ones of a pruned sketch."""
+        return 2 * self.kept * self.shape[2] * self.density_at(self.kept) if self.reuse else 0
 
 
 ROUTERS = {"similarity": SimilarityRouter, "representative": RepresentativeRouter, "mlp": MLPRouter,
@@ -375,7 +379,9 @@ class MoEFFN(nn.Module):
         if isinstance(self.router, SketchRouter):
             self.router.__dict__["layer"] = self
         self._mlp_router = isinstance(self.router, MLPRouter)
-        self._sketch_reuse = isinstance(self.router, SketchRouter) and self.router.reuse
+        # The compiled sketch paths complete the sketch's sums; a pruned sketch's are completed
+        # (with the weights it dropped) only in the FLOP count: see SketchRouter.
+        self._sketch_reuse = isinstance(self.router, SketchRouter) and self.router.reuse and not self.router.sparsity
         # "previous": the router reads the previous layer's FFN input (Pre-gated MoE, Hwang et al.
         # 2024), which that layer hands over in its forward (see link_pregated).
         self.router_input = spec.get("router_input", "own")
@@ -434,9 +440,8 @@ class MoEFFN(nn.Module):
         their FLOPs, hence top_k_for_share, change with it. Kept in the spec that is saved."""
         if not isinstance(self.router, SketchRouter):
             raise ValueError(f"only a sketch router has partial sums to reuse, not {self.spec['router']['kind']!r}")
-        if reuse and self.router.sparsity:
-            raise ValueError("a pruned sketch (sparsity > 0) has no partial sums to reuse")
-        self.router.reuse = self._sketch_reuse = bool(reuse)
+        self.router.reuse = bool(reuse)
+        self._sketch_reuse = self.router.reuse and not self.router.sparsity
         r = self.spec["router"]
         self.spec["router"] = {**r, "options": {**r.get("options", {}), "reuse": bool(reuse)}}
 
@@ -490,7 +495,7 @@ class MoEFFN(nn.Module):
     def _expert_flops(self) -> float:
         """One exact routed expert (less the sums it reuses from a sketch router)."""
         E, n, D = self.w_in.shape
-        saved = n * self.router.reused_flops_per_neuron() if self._sketch_reuse else 0
+        saved = n * self.router.reused_flops_per_neuron() if isinstance(self.router, SketchRouter) else 0
         return 2 * self.matrices * D * n - saved
 
     def _approx_flops(self) -> float:

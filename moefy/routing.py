@@ -24,7 +24,7 @@ def router_spec(kind: str, cfg) -> dict:
     if kind == "sketch":
         auto = cfg.router_channels is None
         sparsity = cfg.router_sparsity
-        reuse = cfg.router_reuse and not sparsity  # a pruned sketch's sums are not part of the exact ones
+        reuse = cfg.router_reuse  # a pruned sketch's too: its selected neurons add what it left out
         channels = sketch_channels_for(cfg.active, reuse, sparsity) if auto else cfg.router_channels
         approx = cfg.router_approx
         if approx is None:
@@ -148,6 +148,8 @@ def build_router(moe: MoEFFN, inputs: torch.Tensor, cfg, router_inputs: torch.Te
     elif kind == "sketch":
         if moe.router.sparsity:
             moe.fit_sketch_sparsity(inputs)
+            if cfg.tau is None and cfg.active is not None:  # the top-k a share allows, at the density measured
+                moe.set_selection(max(1, moe.top_k_for_share(cfg.active)), None)
         if moe.router.threshold:
             moe.fit_score_quantiles(inputs)
     return {"router_recall": recall(moe, inputs[: len(inputs) // 10 or 1])}

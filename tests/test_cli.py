@@ -98,6 +98,15 @@ def test_sketch_channels_change_after_loading(tiny_folder, tmp_path):
     assert r.exit_code == 0, r.output
     options = [json.loads((d / "config.json").read_text())["moefy"]["layers"][0]["router"]["options"] for d in (out, plain)]
     assert options[0]["reuse"] is True and options[1]["reuse"] is False
+    counts = {}
+    for flag in ("--no-router-reuse", "--router-reuse"):  # eval overrides it; the recorded share is applied again
+        r = runner.invoke(app, ["eval", str(plain if flag == "--router-reuse" else out), "--data", "pydoc:heldout",
+                                "--tokens", "512", "--seq-len", "32", flag, "--json", str(js), "--overwrite"])
+        assert r.exit_code == 0, r.output
+        report = json.loads(js.read_text())
+        assert report["moe"]["active_ffn_share"] <= 0.5 + 0.05, report["moe"]  # thresholds: the mean count is fitted
+        counts[flag] = report["moe"]["active_neuron_share"]
+    assert counts["--router-reuse"] > counts["--no-router-reuse"]  # cheaper selected neurons: more of them
     r = runner.invoke(app, ["eval", str(out), "--data", "pydoc:heldout", "--tokens", "512", "--seq-len", "32",
                             "--router-approx", "0.3", "--active", "0.75", "--json", str(js), "--overwrite"])
     assert r.exit_code == 0, r.output

@@ -328,10 +328,12 @@ def test_pruned_sketch_converts_saves_and_reloads_exactly(tokenizer, tmp_path, i
                                                         router_sparsity=0.5), data=DATA, tokenizer=tokenizer)
     layer = m.layers[0]
     r = layer.router
-    assert r.sparsity == 0.5 and not r.reuse and r.channels == 0.8  # 0.8 x 0.5 / (1 - 0.5)
+    assert r.sparsity == 0.5 and r.reuse and r.channels == 0.8  # 0.8 x 0.5 / (1 - 0.5)
     assert float(r.channel_norms.min()) > 0 and 0.5 <= r.density_at(r.kept) < 1
     assert m.record["moe"]["router_sparsity"] == 0.5
+    # the top-k is taken at the density measured on the calibration text: the largest that fits
     assert layer.flops_per_token(layer.top_k) <= 0.5 * layer.dense_flops_per_token()
+    assert layer.top_k == layer.top_k_for_share(0.5)
     m.set_active(0.25)
     assert r.channels == 0.4
     m.set_active(0.5)

@@ -513,12 +513,13 @@ def test_sketch_gemm_path_passes_gradients_to_its_input():
     torch.testing.assert_close(x.grad, ref.grad, atol=1e-3, rtol=1e-4)
 
 
-def pruned_moe(kind="swiglu", bias=False, shared=0, n=1, approx=0.3, threshold=False, sparsity=0.5, top_k=None):
+def pruned_moe(kind="swiglu", bias=False, shared=0, n=1, approx=0.3, threshold=False, sparsity=0.5, top_k=None,
+               reuse=False):
     """A sketch-router layer whose sketch reads pruned weights, calibrated on 400 random tokens
     whose channels have different scales (so the channel norms matter to the pruning)."""
     E = (I - shared) // n
     _, moe = make_moe(kind, bias, shared, E=E, top_k=top_k or max(1, E // 4), router="sketch", channels=0.5,
-                      approx=approx, threshold=threshold, sparsity=sparsity)
+                      approx=approx, threshold=threshold, sparsity=sparsity, reuse=reuse)
     g = torch.Generator().manual_seed(7)
     calib = torch.randn(400, D, generator=g) * torch.rand(D, generator=g).mul(3).add(0.1)
     moe.fit_sketch_sparsity(calib)
@@ -547,13 +548,14 @@ def pruned_copy(moe):
 @pytest.mark.parametrize("kind,bias,shared", CASES)
 @pytest.mark.parametrize("n", [1, 6])
 @pytest.mark.parametrize("threshold", [False, True])
-def test_pruned_sketch_matches_reference(kind, bias, shared, n, threshold, path):
+@pytest.mark.parametrize("reuse", [False, True])
+def test_pruned_sketch_matches_reference(kind, bias, shared, n, threshold, reuse, path):
     """--router-sparsity: the sketch scores (and estimates the sketched experts) with the pruned
     weights, the exact experts use the full ones, on every path (torch, kernels; one token, few,
-    many); reuse is off."""
-    moe, _ = pruned_moe(kind, bias, shared, n, threshold=threshold)
+    many), with reuse (counted only: no path completes a pruned sketch's sums) or without."""
+    moe, _ = pruned_moe(kind, bias, shared, n, threshold=threshold, reuse=reuse)
     pruned = pruned_copy(moe)
-    assert not moe._sketch_reuse
+    assert moe.router.reuse == reuse and not moe._sketch_reuse
     x = torch.randn(20, D)
     unpruned = MoEFFN({**moe.spec, "router": {"kind": "sketch", "options": {"channels": moe.router.channels}}})
     unpruned.load_state_dict(moe.state_dict(), strict=False)
@@ -577,7 +579,8 @@ def test_pruned_sketch_matches_reference(kind, bias, shared, n, threshold, path)
 
 def test_pruned_sketch_costs_its_nonzero_products():
     """The sketch's FLOPs are its nonzero products on the kept channels, as measured on the
-    calibration text; the exact experts pay for every channel (no reuse)."""
+    calibration text; the exact experts pay for every channel without reuse, and with it for all
+    but the sketch's nonzero products (the same outputs: the saving is counted, not executed)."""
     moe, calib = pruned_moe(sparsity=0.5)
     r = moe.router
     E, n, _ = moe.w_in.shape
@@ -591,10 +594,16 @@ def test_pruned_sketch_costs_its_nonzero_products():
     assert r.flops_per_token() == pytest.approx(2 * r.kept * E * n * 2 * r.density_at(r.kept) + 2 * E * n * n)
     assert moe._expert_flops() == 2 * 3 * D * n  # no partial sums to start from
     assert kept.shape[1] == r.kept
-    with pytest.raises(ValueError, match="reuse"):
-        moe.set_router_reuse(True)
-    with pytest.raises(ValueError, match="reuse"):
-        make_moe(router="sketch", channels=0.5, reuse=True, sparsity=0.5)
+    x = torch.randn(9, D)
+    moe.set_router_approx(0.0)  # (the sketched experts' count follows the exact ones' cost)
+    before = moe(x)
+    moe.set_router_reuse(True)
+    assert r.reuse and not moe._sketch_reuse and moe.spec["router"]["options"]["reuse"]
+    reused = 2 * r.kept * 2 * r.density_at(r.kept)  # the sketch's nonzero gate and up products of a neuron
+    assert moe._expert_flops() == pytest.approx(2 * 3 * D * n - n * reused)
+    torch.testing.assert_close(moe(x), before)
+    moe.set_router_reuse(False)
+    moe.set_router_approx(0.3)
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         make_moe(router="sketch", channels=0.5, sparsity=1.0)
     _, plain = make_moe(router="sketch", channels=0.5)

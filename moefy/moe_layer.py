@@ -691,8 +691,8 @@ class MoEFFN(nn.Module):
 
     def _fused_pruned(self, T: int) -> bool:
         """Whether the fused kernel takes this call for a pruned sketch (SketchRouter.sparsity), on
-        the layer's own input. It computes the selected neurons from every channel (no reuse), as
-        the torch paths do."""
+        the layer's own input. It computes the selected neurons from every channel (a pruned sketch's
+        reuse is counted, not executed: SketchRouter), as the torch paths do."""
         return (getattr(self.router, "sparsity", 0) > 0 and self._fused_sketch(T) and not self.oracle
                 and self.router_input == "own")
 
@@ -929,8 +929,8 @@ class MoEFFN(nn.Module):
         return z.flatten(1) @ self.w_out.flatten(0, 1)
 
     def _sparse_approx(self, x: torch.Tensor, kern=None, args=None) -> torch.Tensor:
-        """Inference with sketched experts or score thresholds, without reuse of the sketch's sums
-        (with reuse the kernels take them, _sketch_kernel): the top_k exact experts (on the
+        """Inference with sketched experts or score thresholds, without completing the sketch's
+        sums (an unpruned sketch with reuse goes to the kernels, _sketch_kernel): the top_k exact experts (on the
         kernels when given) plus the next approx_k sketched ones, or those the thresholds pick."""
         T = x.shape[0]
         self.tokens_seen += T

@@ -169,6 +169,29 @@ def test_layerwise_refit_on_sparse_inputs(tokenizer, ids):
     torch.testing.assert_close(m.layers[0].w_out, whole.layers[0].w_out, atol=1e-5, rtol=1e-5)
 
 
+def test_layerwise_refit_reads_the_profiled_inputs(tokenizer, monkeypatch):
+    """Layer by layer, the refit takes the FFN inputs profiling kept instead of running each block
+    again; they are the same inputs, so the model is the one the second run would give."""
+    from moefy import layerwise
+
+    moe = MoEConfig(**{**SKETCH.to_dict(), "refit_down": 0.1})
+    reruns = []
+    real = layerwise.ffn_inputs
+    monkeypatch.setattr(layerwise, "ffn_inputs", lambda *a: reruns.append(1) or real(*a))
+    lw = LayerwiseConfig(propagate="moe")
+    kept = moefy.convert(tiny_model("llama"), moe=moe, data=DATA, tokenizer=tokenizer, layerwise=lw)
+    assert reruns == []
+    monkeypatch.setattr(layerwise, "refit_inputs", lambda block, layer, states, _kept: real(block, layer, states))
+    rerun = moefy.convert(tiny_model("llama"), moe=moe, data=DATA, tokenizer=tokenizer, layerwise=lw)
+    for a, b in zip(kept.layers, rerun.layers, strict=True):
+        assert a.spec == b.spec
+        torch.testing.assert_close(a.w_out, b.w_out, atol=1e-6, rtol=1e-6)
+    for a, b in zip(kept.record["layers"], rerun.record["layers"], strict=True):
+        a, b = a["down_refit"], b["down_refit"]
+        assert (a["kept"], a["tokens"]) == (b["kept"], b["tokens"])
+        assert (a["error_before"], a["error_after"]) == pytest.approx((b["error_before"], b["error_after"]), rel=1e-4)
+
+
 def test_cli_refit_down_and_its_dense_reference(tokenizer, tmp_path):
     """Every expert active is no longer the dense model once the rows are refitted: evaluation
     runs the source model for the dense reference (the same perplexity as without the refit)."""

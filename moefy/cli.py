@@ -212,6 +212,8 @@ def tune(
     seed: int = typer.Option(0, help="Seeds the data order."),
     precision: str = typer.Option("auto", help="fp32, bf16 (autocast: matrix products in bf16, weights and updates "
                                   "in fp32) or auto: bf16 where the CPU (AVX512-BF16, AMX) or GPU runs it natively."),
+    hidden_loss: float = typer.Option(0.0, help="Weight of a second loss term: every layer's output matched to the "
+                                      "dense model's, token by token (relative squared error; 0: the KL alone)."),
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Evaluate against the source dense model after tuning."),
     eval_data: str = typer.Option("wiki-sample:heldout", help="Held-out text for --eval."),
     eval_tokens: int = typer.Option(8192, help="Held-out tokens for --eval."),
@@ -233,7 +235,8 @@ def tune(
             raise ConfigError("--out must differ from the input folder (the input is never modified)")
         cfg = TuneConfig(data=data, seq_len=seq_len, batch_size=batch_size, minutes=minutes, tokens=tokens, lr=lr,
                          train=train, other_lr=other_lr, routers=routers, router_lr=router_lr,
-                         checkpoint_minutes=checkpoint_minutes, seed=seed, precision=precision)
+                         checkpoint_minutes=checkpoint_minutes, seed=seed, precision=precision,
+                         hidden_loss=hidden_loss)
         cfg.validate()
         check_target(out, overwrite)
         m = _open_run(run, json_out, overwrite, active=active, tau=tau, router_channels=router_channels,

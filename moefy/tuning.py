@@ -7,7 +7,9 @@ shared neurons learn to make up for what the router leaves out (issue #4, part 4
 pick the experts without gradient; with `routers` (the default for MLP routers) each also keeps
 learning its conversion objective (the experts' output norms) online, on the inputs the tuned
 sparse model now produces and the experts as they are now. Training runs MoEFFN's masked path:
-the same function as inference, one GEMM per matrix.
+the same function as inference, one GEMM per matrix. With `hidden_loss` > 0 a second term matches
+every layer's output to the teacher's, token by token (the relative squared error of the
+residual stream): a signal at every layer, not only through the logits.
 
 The budget is wall-clock minutes and/or tokens, whichever ends first; the learning rate follows
 a cosine over the budget. State is checkpointed into a folder (trainable weights as safetensors,
@@ -76,6 +78,8 @@ class TuneConfig:
     seed: int = 0                    # data order
     precision: str = "auto"          # "fp32", "bf16" (autocast; fp32 master weights) or "auto" (bf16 where
                                      # the device runs it fast: resolve_precision)
+    hidden_loss: float = 0.0         # weight of the hidden-state term: every layer's output matched to the
+                                     # teacher's, token by token (relative squared error, mean over layers)
 
     def validate(self):
         if self.minutes is None and self.tokens is None:
@@ -98,6 +102,8 @@ class TuneConfig:
             raise ConfigError("batch size must be positive and seq_len at least 8")
         if self.checkpoint_minutes <= 0:
             raise ConfigError(f"checkpoint interval must be positive, got {self.checkpoint_minutes}")
+        if not 0 <= self.hidden_loss < 1e3:
+            raise ConfigError(f"--hidden-loss must be in [0, 1000), got {self.hidden_loss}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown --precision {self.precision!r}; choose {', '.join(PRECISIONS)}")
 
@@ -240,17 +246,20 @@ def tune(m: MoEModel, cfg: TuneConfig = TuneConfig(), checkpoint: str | os.PathL
             for g in opt.param_groups:
                 g["lr"] = g["peak_lr"] * factor
             with _autocast(cfg.precision, device):
-                loss, router_loss = _step(m.model, teacher, batch, opt, fit)
+                loss, router_loss, hidden = _step(m.model, teacher, batch, opt, fit, cfg.hidden_loss)
             state["step"] += 1
             state["tokens"] += batch.numel()
             state["seconds"] = time.monotonic() - start
             state["losses"].append(loss)
             if router_loss is not None:
                 state["router_losses"].append(router_loss)
+            if hidden is not None:
+                state.setdefault("hidden_losses", []).append(hidden)
             bar.n = round(100 * cfg.budget_used(state["seconds"], state["tokens"]))
             bar.set_postfix(loss=f"{loss:.4f}", step=state["step"])
-            log.info("step %d: KL %.4f%s, lr %.2e, %d tokens, %.0f s", state["step"], loss,
-                     "" if router_loss is None else f", router loss {router_loss:.4f}", cfg.lr * factor,
+            log.info("step %d: KL %.4f%s%s, lr %.2e, %d tokens, %.0f s", state["step"], loss,
+                     "" if router_loss is None else f", router loss {router_loss:.4f}",
+                     "" if hidden is None else f", hidden {hidden:.4f}", cfg.lr * factor,
                      state["tokens"], state["seconds"])
             if on_step is not None:
                 on_step(state["step"], loss)
@@ -273,6 +282,8 @@ def tune(m: MoEModel, cfg: TuneConfig = TuneConfig(), checkpoint: str | os.PathL
               "kl_first_10_steps": head, "kl_last_10_steps": tail}
     if refit:
         record["score_quantiles_refit_tokens"] = refit
+    if cfg.hidden_loss:
+        record["hidden_first_10_steps"], record["hidden_last_10_steps"] = _ends(state["hidden_losses"])
     if cfg.routers:
         record["router_loss_first_10_steps"], record["router_loss_last_10_steps"] = _ends(state["router_losses"])
     m.record["tuning"] = record
@@ -356,17 +367,39 @@ def _batch(blocks, step: int, cfg: TuneConfig) -> torch.Tensor:
     return blocks[order[i:i + cfg.batch_size]]
 
 
-def _step(student, teacher, batch, opt, fit=None) -> tuple[float, float | None]:
-    """One optimizer step; returns the KL and (with a router fit) the mean router loss."""
+def _step(student, teacher, batch, opt, fit=None, hidden_loss: float = 0.0):
+    """One optimizer step; returns the KL, the mean router loss (with a router fit, else None) and
+    the hidden-state term (with hidden_loss > 0, else None). The optimised loss is KL + router loss
+    + hidden_loss x hidden-state term."""
+    states = hidden_loss > 0
     with torch.no_grad():
-        target = F.log_softmax(teacher(input_ids=batch).logits.float(), -1).flatten(0, 1)  # [B*L, V]
-    logits = student(input_ids=batch).logits.float()
-    loss = F.kl_div(F.log_softmax(logits, -1).flatten(0, 1), target, log_target=True, reduction="batchmean")
+        t = teacher(input_ids=batch, output_hidden_states=states)
+        target = F.log_softmax(t.logits.float(), -1).flatten(0, 1)  # [B*L, V]
+    s = student(input_ids=batch, output_hidden_states=states)
+    loss = F.kl_div(F.log_softmax(s.logits.float(), -1).flatten(0, 1), target, log_target=True, reduction="batchmean")
     router_loss = fit.take() if fit is not None else None
+    hidden = hidden_state_error(s.hidden_states, t.hidden_states) if states else None
+    total = loss
+    if router_loss is not None:
+        total = total + router_loss
+    if hidden is not None:
+        total = total + hidden_loss * hidden
     opt.zero_grad(set_to_none=True)
-    (loss if router_loss is None else loss + router_loss).backward()
+    total.backward()
     opt.step()
-    return float(loss.detach()), None if router_loss is None else float(router_loss.detach())
+    as_float = lambda v: None if v is None else float(v.detach())  # noqa: E731
+    return float(loss.detach()), as_float(router_loss), as_float(hidden)
+
+
+def hidden_state_error(student, teacher) -> torch.Tensor:
+    """Mean over layers and tokens of |h_s - h_t|^2 / |h_t|^2, the residual stream after every
+    layer (the embeddings, identical in both, are skipped). Token by token, so that the few tokens
+    with very large hidden states (a Llama's first position) do not outweigh the rest."""
+    errors = []
+    for hs, ht in zip(student[1:], teacher[1:]):
+        hs, ht = hs.float(), ht.float()
+        errors.append(((hs - ht).pow(2).sum(-1) / ht.pow(2).sum(-1).clamp_min(1e-12)).mean())
+    return torch.stack(errors).mean()
 
 
 # -- checkpoints --------------------------------------------------------------------------------

@@ -87,6 +87,39 @@ def test_tuning_brings_the_moe_model_closer_to_dense(converted, tokenizer):
     assert converted.record["tuning"]["fingerprint"]
 
 
+def test_hidden_state_error_is_relative_and_token_by_token():
+    t = [torch.randn(2, 5, 8) for _ in range(3)]
+    assert float(tuning.hidden_state_error(t, t)) == 0.0
+    s = [t[0], 1.1 * t[1], t[2]]  # layer 1 off by 10% everywhere, layer 2 exact: (0.01 + 0) / 2
+    torch.testing.assert_close(tuning.hidden_state_error(s, t), torch.tensor(0.005))
+    big = [x.clone() for x in t]
+    for x in big:
+        x[:, 0] *= 1e3  # a token with huge states weighs as much as any other
+    s = [x.clone() for x in big]
+    s[1][:, 1] += big[1][:, 1]  # token 1 of layer 1 off by 100%: 2 of 10 tokens, 1 of 2 layers
+    torch.testing.assert_close(tuning.hidden_state_error(s, big), torch.tensor(0.1))
+
+
+def test_hidden_loss_matches_the_teacher_layer_by_layer(base, tokenizer):
+    """--hidden-loss: the hidden-state term is optimised with the KL, so it falls further than
+    under the KL alone, the KL still falls, and the record carries both."""
+    held = moefy.data.blocks("pydoc:heldout", tokenizer, 32, max_tokens=512)
+    plain, layered = copy.deepcopy(base), copy.deepcopy(base)
+    tune(plain, cfg(tokens=64 * 30, routers=False))
+    record = tune(layered, cfg(tokens=64 * 30, routers=False, hidden_loss=10.0))
+    assert record["hidden_last_10_steps"] < record["hidden_first_10_steps"]
+    assert record["kl_last_10_steps"] < record["kl_first_10_steps"]
+    assert "hidden_first_10_steps" not in plain.record["tuning"]
+
+    def error(m):
+        with torch.no_grad():
+            with m.all_experts():
+                t = m.model(input_ids=held, output_hidden_states=True).hidden_states
+            return float(tuning.hidden_state_error(m.model(input_ids=held, output_hidden_states=True).hidden_states, t))
+
+    assert error(layered) < error(plain)
+
+
 def router_objective_on(m, ids) -> float:
     """Mean over layers of each router's conversion objective on the model's own layer inputs."""
     losses = []
@@ -180,7 +213,7 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(tokenizer, tmp_path,
 
 @pytest.mark.parametrize("bad,match", [(dict(minutes=None, tokens=None), "budget"), (dict(tokens=10), "at least one step"),
                                        (dict(train="router"), "--train"), (dict(lr=0.0), "learning rate"),
-                                       (dict(precision="fp16"), "--precision")])
+                                       (dict(precision="fp16"), "--precision"), (dict(hidden_loss=-1.0), "--hidden-loss")])
 def test_bad_settings(bad, match):
     with pytest.raises(ConfigError, match=match):
         cfg(**bad).validate()

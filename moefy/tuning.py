@@ -184,6 +184,8 @@ def fingerprint(m: MoEModel, cfg: TuneConfig, blocks: torch.Tensor) -> str:
         del settings["precision"]
     if settings["other_lr"] is None:
         del settings["other_lr"]
+    if not settings["hidden_loss"]:
+        del settings["hidden_loss"]
     h.update(json.dumps(settings, sort_keys=True).encode())
     h.update(blocks.numpy().tobytes())
     return h.hexdigest()[:16]
@@ -227,7 +229,7 @@ def tune(m: MoEModel, cfg: TuneConfig = TuneConfig(), checkpoint: str | os.PathL
         groups.append({"params": list(routers.values()), "lr": cfg.router_lr, "peak_lr": cfg.router_lr})
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     params = {**params, **routers}
-    state = {"step": 0, "tokens": 0, "seconds": 0.0, "losses": [], "router_losses": []}
+    state = {"step": 0, "tokens": 0, "seconds": 0.0, "losses": [], "router_losses": [], "hidden_losses": []}
     ckpt = Path(checkpoint) if checkpoint is not None else None
     if resume:
         if ckpt is None or not (ckpt / "state.json").is_file():
@@ -254,7 +256,7 @@ def tune(m: MoEModel, cfg: TuneConfig = TuneConfig(), checkpoint: str | os.PathL
             if router_loss is not None:
                 state["router_losses"].append(router_loss)
             if hidden is not None:
-                state.setdefault("hidden_losses", []).append(hidden)
+                state["hidden_losses"].append(hidden)
             bar.n = round(100 * cfg.budget_used(state["seconds"], state["tokens"]))
             bar.set_postfix(loss=f"{loss:.4f}", step=state["step"])
             log.info("step %d: KL %.4f%s%s, lr %.2e, %d tokens, %.0f s", state["step"], loss,
@@ -404,6 +406,9 @@ def hidden_state_error(student, teacher) -> torch.Tensor:
 
 # -- checkpoints --------------------------------------------------------------------------------
 
+LOSS_HISTORIES = ("losses", "router_losses", "hidden_losses")  # per step, kept in checkpoints
+
+
 def _save(folder: Path, fp: str, cfg: TuneConfig, params, opt, state):
     """Atomic: a temporary folder beside the checkpoint, then one rename."""
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -411,8 +416,7 @@ def _save(folder: Path, fp: str, cfg: TuneConfig, params, opt, state):
     tmp.mkdir()
     try:
         save_file({k: p.detach().contiguous() for k, p in params.items()}, tmp / "weights.safetensors")
-        torch.save({"optimizer": opt.state_dict(), "losses": state["losses"], "router_losses": state["router_losses"]},
-                   tmp / "state.pt")
+        torch.save({"optimizer": opt.state_dict(), **{k: state[k] for k in LOSS_HISTORIES}}, tmp / "state.pt")
         meta = {"fingerprint": fp, "config": asdict(cfg), **{k: state[k] for k in ("step", "tokens", "seconds")}}
         (tmp / "state.json").write_text(json.dumps(meta, indent=1))
         replace_path(tmp, folder)
@@ -434,5 +438,5 @@ def _restore(folder: Path, fp: str, params, opt, state):
             p.copy_(weights[name])
     saved = torch.load(folder / "state.pt", weights_only=True)
     opt.load_state_dict(saved["optimizer"])
-    state.update({k: meta[k] for k in ("step", "tokens", "seconds")}, losses=list(saved["losses"]),
-                 router_losses=list(saved["router_losses"]))
+    state.update({k: meta[k] for k in ("step", "tokens", "seconds")},
+                 **{k: list(saved.get(k, ())) for k in LOSS_HISTORIES})  # hidden_losses: none before the option

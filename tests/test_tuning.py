@@ -111,11 +111,12 @@ def test_hidden_loss_matches_the_teacher_layer_by_layer(base, tokenizer):
     assert record["kl_last_10_steps"] < record["kl_first_10_steps"]
     assert "hidden_first_10_steps" not in plain.record["tuning"]
 
+    with torch.no_grad(), base.all_experts():  # the dense model (base is never tuned)
+        dense = base.model(input_ids=held, output_hidden_states=True).hidden_states
+
     def error(m):
         with torch.no_grad():
-            with m.all_experts():
-                t = m.model(input_ids=held, output_hidden_states=True).hidden_states
-            return float(tuning.hidden_state_error(m.model(input_ids=held, output_hidden_states=True).hidden_states, t))
+            return float(tuning.hidden_state_error(m.model(input_ids=held, output_hidden_states=True).hidden_states, dense))
 
     assert error(layered) < error(plain)
 
@@ -209,6 +210,29 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(tokenizer, tmp_path,
         tune(other, cfg(lr=1e-3), checkpoint=tmp_path / "b", resume=True)
     with pytest.raises(ConfigError, match="nothing to resume"):
         tune(other, cfg(), checkpoint=tmp_path / "none", resume=True)
+
+
+def test_resume_keeps_the_hidden_state_history(tokenizer, tmp_path):
+    """With --hidden-loss the term's per-step values are checkpointed too: a resumed run records
+    the uninterrupted run's first and last steps; the setting is part of the fingerprint."""
+    def fresh():
+        return moefy.convert(tiny_model("llama"), moe=MOE, data=DATA, tokenizer=tokenizer)
+
+    settings = dict(routers=False, hidden_loss=2.0, tokens=64 * 24)
+    whole = tune(fresh(), cfg(**settings))
+
+    def kill(step, _loss):
+        if step == 15:
+            raise Stop
+
+    with pytest.raises(Stop):
+        tune(fresh(), cfg(checkpoint_minutes=1e-9, **settings), checkpoint=tmp_path / "c", on_step=kill)
+    resumed = tune(fresh(), cfg(checkpoint_minutes=1e-9, **settings), checkpoint=tmp_path / "c", resume=True)
+    for key in ("hidden_first_10_steps", "hidden_last_10_steps", "kl_first_10_steps", "kl_last_10_steps"):
+        assert resumed[key] == pytest.approx(whole[key], rel=1e-6), key
+    m = fresh()
+    assert fingerprint(m, cfg(hidden_loss=1.0), torch.zeros(1, 8, dtype=torch.long)) != \
+        fingerprint(m, cfg(), torch.zeros(1, 8, dtype=torch.long))
 
 
 @pytest.mark.parametrize("bad,match", [(dict(minutes=None, tokens=None), "budget"), (dict(tokens=10), "at least one step"),

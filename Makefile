@@ -1,4 +1,4 @@
-# `make demo`: convert SmolLM2-135M on wiki-sample at 50% active FFN and print dense vs MoE.
+# `make demo`: convert SmolLM2-135M with the recommended preset (balanced) and print dense vs MoE.
 # `make test`: the test suite. Both set up .venv first (torch pinned to the CPU build on disk).
 # `make test` then runs the tests marked `compat` (saved folders loaded by plain transformers) again
 # with the oldest transformers we support (the floor in pyproject.toml), in .venv-oldest: a venv that
@@ -30,8 +30,7 @@ $(OLDEST)/ready: $(BIN)/moefy
 setup: $(BIN)/moefy
 
 demo: setup
-	$(BIN)/moefy convert --router sketch --experts 1536 --shared 0 --router-sparsity 0.33 --router-approx 0.4 \
-		--refit-down 1.0 --out runs/smol-moe --overwrite
+	$(BIN)/moefy convert --model smollm2-135m --out runs/smol-moe --overwrite
 
 test: setup $(OLDEST)/ready
 	$(BIN)/python -m pytest -q

@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 
 import moefy
-from moefy import data as data_mod
-from moefy import models
+from moefy.pipeline import data as data_mod
+from moefy.pipeline import load as models
 from moefy.config import DataConfig, MoEConfig
-from moefy.evaluate import dense_reference
+from moefy.eval.evaluate import dense_reference
 from moefy.io import versions, write_json
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -29,9 +29,10 @@ import itertools
 
 import torch
 
-from moefy import data as data_mod
-from moefy import io, refit
-from moefy.evaluate import compute, perplexity
+from moefy.pipeline import data as data_mod
+from moefy import io
+from moefy.pipeline import refit
+from moefy.eval.evaluate import compute, perplexity
 
 import study
 

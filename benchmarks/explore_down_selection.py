@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from moefy.moe_layer import MoEFFN
+from moefy.modeling.moe_layer import MoEFFN
 
 import study
 

@@ -17,9 +17,9 @@ import json
 import torch
 import torch.nn.functional as F
 
-from moefy import data as data_mod
-from moefy import models
-from moefy.evaluate import perplexity
+from moefy.pipeline import data as data_mod
+from moefy.pipeline import load as models
+from moefy.eval.evaluate import perplexity
 
 
 def main():

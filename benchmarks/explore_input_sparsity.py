@@ -20,9 +20,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from moefy import data as data_mod
-from moefy import models
-from moefy.evaluate import perplexity
+from moefy.pipeline import data as data_mod
+from moefy.pipeline import load as models
+from moefy.eval.evaluate import perplexity
 
 GRID = {
     "teal": [(0.5, 0.5), (0.625, 0.25), (0.35, 0.8), (0.25, 0.25), (0.3125, 0.125), (0.2, 0.35)],

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from moefy import data as data_mod
-from moefy import models
-from moefy.evaluate import perplexity
-from moefy.moe_layer import sketch_channels_for
+from moefy.pipeline import data as data_mod
+from moefy.pipeline import load as models
+from moefy.eval.evaluate import perplexity
+from moefy.modeling.router_sketch import sketch_channels_for
 
 import study
 

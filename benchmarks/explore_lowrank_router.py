@@ -5,9 +5,10 @@ MLP router of the default conversion, on layers 2, 15 and 27 of runs/smol-384, 4
     python benchmarks/explore_lowrank_router.py    # needs runs/smol-384 (the default conversion)
 """
 import sys, time, torch, torch.nn.functional as F
-from moefy import io, data as data_mod
-from moefy.routing import recall
-from moefy.moe_layer import select_experts
+from moefy import io
+from moefy.pipeline import data as data_mod
+from moefy.pipeline.route import recall
+from moefy.modeling.selection import select_experts
 torch.set_num_threads(1)
 m = io.load("runs/smol-384")
 tok = m.tokenizer

@@ -18,9 +18,9 @@ import argparse
 
 import torch
 
-from moefy import refit
+from moefy.pipeline import refit
 from moefy.arch import family_for
-from moefy.layerwise import block_inputs, run_block
+from moefy.pipeline.layerwise import block_inputs, run_block
 
 import study
 

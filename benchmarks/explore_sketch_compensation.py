@@ -26,7 +26,8 @@ import time
 
 import torch
 
-from moefy.moe_layer import ACTIVATIONS, MoEFFN
+from moefy.modeling.activations import ACTIVATIONS
+from moefy.modeling.moe_layer import MoEFFN
 
 import study
 

@@ -27,7 +27,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from moefy import data as data_mod
+from moefy.pipeline import data as data_mod
 
 import study
 

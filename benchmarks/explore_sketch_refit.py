@@ -12,8 +12,8 @@ masked to K(x), the kept weights that estimate g best on calibration text are, p
 
 The pruning masks stay as they are (so do the FLOPs); only the sketch's view changes: the exact
 neurons still read the full weights. The layers are refitted in order, each on the inputs the
-model gives it with the layers before it refitted (as `moefy.refit`); then the score quantiles
-are fitted again, and optionally the down rows (`--down LAM`, moefy.refit.refit_layer).
+model gives it with the layers before it refitted (as `moefy.pipeline.refit`); then the score quantiles
+are fitted again, and optionally the down rows (`--down LAM`, moefy.pipeline.refit.refit_layer).
 
     python benchmarks/explore_sketch_refit.py --model runs/smol-a25-sp0.6 --lam 0.1 --down 1.0 \
         --out benchmarks/results/sketch_refit_a25.json
@@ -25,10 +25,11 @@ import argparse
 
 import torch
 
-from moefy import refit
+from moefy.pipeline import refit
 from moefy.arch import family_for
-from moefy.layerwise import block_inputs, run_block
-from moefy.moe_layer import MoEFFN, kept_channels
+from moefy.pipeline.layerwise import block_inputs, run_block
+from moefy.modeling.moe_layer import MoEFFN
+from moefy.modeling.router_sketch import kept_channels
 
 import study
 

@@ -24,7 +24,8 @@ import math
 
 import torch
 
-from moefy.moe_layer import ACTIVATIONS, MoEFFN
+from moefy.modeling.activations import ACTIVATIONS
+from moefy.modeling.moe_layer import MoEFFN
 
 import study
 

@@ -7,7 +7,7 @@ run (dense and MoE interleaved in one process, router included, 1 thread):
 
 For a sketch-router model, `gemm` times the torch paths' GEMMs (MoEFFN._masked: every routed
 neuron computed, the selection masked) at every size, and `kernels` / `torch` never take them
-(the model takes them on the torch paths only, from moe_layer.SKETCH_GEMM_MIN_TOKENS tokens):
+(the model takes them on the torch paths only, from paths.SKETCH_GEMM_MIN_TOKENS tokens):
 
     python benchmarks/kernel_paths.py runs/smol-sketch-thr --active 0.5 --paths kernels gemm \
         --tokens 16 32 64 128 256 2048 --out benchmarks/results/sketch_prefill.json
@@ -18,8 +18,8 @@ import json
 import torch
 
 import moefy
-from moefy import moe_layer
-from moefy.bench import bench_ffn, environment
+from moefy.modeling import compiled, paths
+from moefy.eval.bench import bench_ffn, environment
 
 p = argparse.ArgumentParser()
 p.add_argument("run")
@@ -32,11 +32,11 @@ p.add_argument("--out")
 args = p.parse_args()
 torch.set_num_threads(args.threads)
 m = moefy.load(args.run)
-blocks = moefy.data.blocks("wiki-sample:heldout", m.tokenizer, seq_len=256, max_tokens=2048)
+blocks = moefy.pipeline.data.blocks("wiki-sample:heldout", m.tokenizer, seq_len=256, max_tokens=2048)
 with m.all_experts():
     inputs = m.layer_inputs(blocks)
-kernels = moe_layer._kernels()
-gemm_from = moe_layer.SKETCH_GEMM_MIN_TOKENS
+kernels = compiled._kernels()
+gemm_from = paths.SKETCH_GEMM_MIN_TOKENS
 rows = []
 for active in args.active:
     m.set_active(active)
@@ -46,14 +46,14 @@ for active in args.active:
         for path in args.paths:
             if path == "torch" and tokens > args.torch_max_tokens:
                 continue
-            moe_layer._KERNELS = kernels if path == "kernels" else None
-            moe_layer.SKETCH_GEMM_MIN_TOKENS = 1 if path == "gemm" else 1 << 62
+            compiled._KERNELS = kernels if path == "kernels" else None
+            paths.SKETCH_GEMM_MIN_TOKENS = 1 if path == "gemm" else 1 << 62
             r = bench_ffn(m, inputs, tokens, layers, warmup=3, iters=iters, rounds=3)
             row = dict(active=active, tokens=tokens, path=path, layers=r["layers"], dense_ms=r["dense_ms"],
                        moe_ms=r["moe_ms"], ratio=r["ratio"], router_ms=r["router_ms"], mean_k=r["mean_k"])
             rows.append(row)
             print(json.dumps(row), flush=True)
-moe_layer._KERNELS = kernels
-moe_layer.SKETCH_GEMM_MIN_TOKENS = gemm_from
+compiled._KERNELS = kernels
+paths.SKETCH_GEMM_MIN_TOKENS = gemm_from
 if args.out:
     moefy.io.write_json(args.out, {"run": args.run, "environment": environment(args.threads), "rows": rows})

@@ -16,7 +16,7 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
-from moefy.models import resolve
+from moefy.pipeline.load import resolve
 
 
 def main():

@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 
 import moefy.io
-from moefy import data as data_mod
-from moefy import models
+from moefy.pipeline import data as data_mod
+from moefy.pipeline import load as models
 from moefy.config import DataConfig, MoEConfig
 from moefy.io import write_json
-from moefy.sweep import Variant, markdown, sweep
+from moefy.eval.sweep import Variant, markdown, sweep
 
 DEFAULT_VARIANTS = ["random:similarity:0:96", "random:mlp:0:96",
                     "param-kmeans:similarity:0:96", "param-kmeans:mlp:0:96",

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-from moefy import data as data_mod
-from moefy import models
+from moefy.pipeline import data as data_mod
+from moefy.pipeline import load as models
 from moefy.config import DataConfig
-from moefy.evaluate import perplexity
+from moefy.eval.evaluate import perplexity
 from moefy.io import write_json
-from moefy.pruning import PruneConfig
-from moefy.sparse_expansion import ExpansionConfig, ffn_flops, set_execution, sparsify
+from moefy.expansion.pruning import PruneConfig
+from moefy.expansion.sparse_expansion import ExpansionConfig, ffn_flops, set_execution, sparsify
 
 VARIANTS = ["magnitude:1", "wanda:1", "sparsegpt:1", "sparsegpt:4", "sparsegpt:16"]
 

@@ -17,13 +17,14 @@ import time
 
 import torch
 
-from moefy import data, models
+from moefy.pipeline import data, load as models
 from moefy.arch import family_for
 from moefy.config import MoEConfig
-from moefy.grouping import split_neurons
-from moefy.moe_layer import MoEFFN
-from moefy.profiling import FFNStats, capture
-from moefy.routing import recall, router_spec, train_mlp_router
+from moefy.pipeline.group import split_neurons
+from moefy.modeling.moe_layer import MoEFFN
+from moefy.pipeline.stats import FFNStats
+from moefy.pipeline.calibrate import capture
+from moefy.pipeline.route import recall, router_spec, train_mlp_router
 
 LAYERS = (2, 15, 27)
 

@@ -12,13 +12,13 @@ import time
 
 import torch
 
-from moefy import models
+from moefy.pipeline import load as models
 from moefy.arch import family_for
 from moefy.config import DataConfig, MoEConfig
-from moefy.convert import calibrate
-from moefy.grouping import split_neurons
-from moefy.moe_layer import MoEFFN
-from moefy.routing import router_spec, train_mlp_router
+from moefy.pipeline.calibrate import calibrate
+from moefy.pipeline.group import split_neurons
+from moefy.modeling.moe_layer import MoEFFN
+from moefy.pipeline.route import router_spec, train_mlp_router
 
 VARIANTS = [("norm", 128, 400), ("log-norm", 128, 400), ("log-norm", 256, 1000), ("norm", 128, 1500)]
 

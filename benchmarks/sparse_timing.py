@@ -18,13 +18,13 @@ import time
 
 import torch
 
-from moefy import data as data_mod
-from moefy import models
+from moefy.pipeline import data as data_mod
+from moefy.pipeline import load as models
 from moefy.analysis.wasserstein import ffn_inputs
 from moefy.arch import family_for
 from moefy.io import write_json
-from moefy.pruning import PruneConfig
-from moefy.sparse_expansion import ExpansionConfig, expand_ffn
+from moefy.expansion.pruning import PruneConfig
+from moefy.expansion.sparse_expansion import ExpansionConfig, expand_ffn
 
 
 def main():

@@ -10,11 +10,12 @@ import time
 
 import torch
 
-from moefy import data as data_mod
-from moefy import models
+from moefy.pipeline import data as data_mod
+from moefy.pipeline import load as models
 from moefy.config import DataConfig, MoEConfig
-from moefy.convert import build, calibrate
-from moefy.evaluate import perplexity
+from moefy.pipeline.build import build
+from moefy.pipeline.calibrate import calibrate
+from moefy.eval.evaluate import perplexity
 
 
 def smollm(data: str = "wiki-sample:heldout", tokens: int = 4096):
@@ -90,7 +91,7 @@ def saved_with_data(args, dense_ppl: dict):
 
 def score_sets(m, sets: dict, dense_ppl: dict, row: dict) -> list[dict]:
     """One row per held-out set: `row` plus perplexity, its ratio to dense and the measured share."""
-    from moefy.evaluate import compute
+    from moefy.eval.evaluate import compute
 
     rows = []
     for d, blocks in sets.items():

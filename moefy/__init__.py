@@ -7,9 +7,10 @@
 
 __version__ = "0.1.0"
 
-from .config import DataConfig, MoEConfig  # noqa: E402
-from .convert import MoEModel, convert  # noqa: E402
-from .evaluate import evaluate  # noqa: E402
-from .io import load, save  # noqa: E402
+from moefy.config import DataConfig, MoEConfig  # noqa: E402
+from moefy.model import MoEModel  # noqa: E402
+from moefy.pipeline.convert import convert
+from moefy.eval.evaluate import evaluate  # noqa: E402
+from moefy.io import load, save  # noqa: E402
 
 __all__ = ["DataConfig", "MoEConfig", "MoEModel", "convert", "evaluate", "load", "save", "__version__"]

@@ -1,5 +1,5 @@
 """`python -m moefy ...` runs the command line."""
 
-from .cli import app
+from moefy.cli import app
 
 app()

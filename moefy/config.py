@@ -5,7 +5,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 
-from .errors import ConfigError
+from moefy.errors import ConfigError
+from moefy.modeling.routers import ROUTERS
+from moefy.pipeline.group import GROUPINGS
+
+
+def check_strength(lam: float):
+    """A ridge strength of the down refit (relative to the mean Gram diagonal) must be positive."""
+    if not lam > 0:
+        raise ConfigError(f"the down refit's ridge strength must be positive, got {lam}; try 1.0")
 
 
 @dataclass(frozen=True)
@@ -26,7 +34,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class MoEConfig:
-    num_experts: int = 384           # expert slots per FFN, shared slots included; FFN width / this = neurons per expert
+    num_experts: int | None = 384    # expert slots per FFN, shared slots included; FFN width / this = neurons per expert
+    expert_size: int | None = None   # neurons per expert slot instead of num_experts (fits any FFN width; presets use it)
     active: float | None = 0.5       # target FFN compute share per token, router and shared experts counted, in (0, 1]
     tau: float | None = None         # dynamic-k threshold in [0, 1); replaces the fixed top-k from `active`
     method: str = "coactivation"     # neuron grouping, see grouping.GROUPINGS
@@ -48,10 +57,6 @@ class MoEConfig:
     seed: int = 0                    # seeds grouping and router training
 
     def validate(self, ffn_width: int | None = None):
-        from .grouping import GROUPINGS
-        from .moe_layer import ROUTERS
-        from .refit import check_strength
-
         if self.method not in GROUPINGS:
             raise ConfigError(f"unknown method {self.method!r}; choose from {', '.join(GROUPINGS)}")
         if self.router not in ROUTERS:
@@ -81,8 +86,12 @@ class MoEConfig:
             check_strength(self.refit_down)
         if self.refit_down is not None and self.router_input != "own":
             raise ConfigError("--refit-down needs routers that read their own layer's input (--router-input own)")
-        if self.num_experts < 2:
+        if (self.num_experts is None) == (self.expert_size is None):
+            raise ConfigError("give the number of experts (--experts) or their size in neurons (--expert-size), not both")
+        if self.num_experts is not None and self.num_experts < 2:
             raise ConfigError(f"experts must be at least 2, got {self.num_experts}")
+        if self.expert_size is not None and self.expert_size < 1:
+            raise ConfigError(f"expert size must be at least 1 neuron, got {self.expert_size}")
         if self.active is None and self.tau is None:
             raise ConfigError("give an active share or a tau")
         if self.active is not None and not 0 < self.active <= 1:
@@ -94,12 +103,24 @@ class MoEConfig:
         if not 0 < self.marker_share <= 1:
             raise ConfigError(f"marker share must be in (0, 1], got {self.marker_share}")
         if ffn_width is not None:
-            if self.num_experts > ffn_width:
-                raise ConfigError(f"experts ({self.num_experts}) cannot exceed the FFN width ({ffn_width})")
-            if ffn_width % self.num_experts:
-                ok = [e for e in (8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768) if ffn_width % e == 0]
-                raise ConfigError(f"experts ({self.num_experts}) must divide the FFN width ({ffn_width}); "
-                                  f"try one of {ok}")
+            self._check_width(ffn_width)
+
+    def _check_width(self, ffn_width: int):
+        if self.expert_size is not None:
+            if ffn_width % self.expert_size or ffn_width // self.expert_size < 2:
+                raise ConfigError(f"expert size ({self.expert_size} neurons) must divide the FFN width ({ffn_width}) "
+                                  "into at least 2 experts; try --expert-size 1")
+            return
+        if self.num_experts > ffn_width:
+            raise ConfigError(f"experts ({self.num_experts}) cannot exceed the FFN width ({ffn_width})")
+        if ffn_width % self.num_experts:
+            ok = [e for e in (8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768) if ffn_width % e == 0]
+            raise ConfigError(f"experts ({self.num_experts}) must divide the FFN width ({ffn_width}); "
+                              f"try one of {ok}, or give --expert-size (neurons per expert) instead")
+
+    def experts_for(self, ffn_width: int) -> int:
+        """Expert slots of an FFN of `ffn_width` neurons (num_experts, or the width / expert_size)."""
+        return ffn_width // self.expert_size if self.expert_size is not None else self.num_experts
 
     def to_dict(self) -> dict:
         return asdict(self)

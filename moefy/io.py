@@ -18,14 +18,16 @@ from pathlib import Path
 import torch
 import transformers
 
-from .convert import MoEModel
-from .errors import ModelLoadError, OutputExists, OutOfSpace
-from .modeling_moefy import PREFIX, base_class, moefy_class
-from .models import check_vocabulary
-from .provenance import RUN_FILE, run_info, versions
+from moefy.model import MoEModel
+from moefy.errors import ModelLoadError, OutputExists, OutOfSpace
+from moefy.modeling.modeling_moefy import PREFIX, base_class, moefy_class
+from moefy.pipeline.load import check_vocabulary
+from moefy.provenance import RUN_FILE, run_info, versions
 
 RECORD = "moefy.json"
-REMOTE_CODE = ("modeling_moefy.py", "moe_layer.py", "sparse_ffn.py")
+MODELING = Path(__file__).with_name("modeling")
+REMOTE_CODE = tuple(sorted(p.name for p in MODELING.glob("*.py") if p.name != "__init__.py"))
+"""The runtime modules copied into every saved folder: they import torch, transformers and each other only."""
 
 
 def check_target(path: str | os.PathLike, overwrite: bool):
@@ -78,9 +80,8 @@ def finish_folder(tmp: Path, tokenizer, model_class: str, causal: bool, record: 
     """Everything of a moefy folder but the weights and config.json's body: tokenizer, remote code,
     the Moefy class in config.json, moefy.json and moefy_run.json."""
     tokenizer.save_pretrained(tmp)
-    here = Path(__file__).parent
     for name in REMOTE_CODE:
-        shutil.copyfile(here / name, tmp / name)
+        shutil.copyfile(MODELING / name, tmp / name)
     base = model_class.removeprefix(PREFIX)
     auto = "AutoModelForCausalLM" if causal else "AutoModel"
     _edit_json(tmp / "config.json", architectures=[PREFIX + base], auto_map={auto: f"modeling_moefy.{PREFIX}{base}"})

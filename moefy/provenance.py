@@ -65,7 +65,7 @@ def weights_hash(source: str | os.PathLike | None, model: torch.nn.Module | None
 def versions() -> dict:
     import transformers
 
-    from . import __version__
+    from moefy import __version__
 
     return {"moefy": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}

@@ -8,7 +8,7 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
 
 from moefy.arch import FAMILIES
-from moefy.data import pydoc_documents
+from moefy.pipeline.data import pydoc_documents
 
 VOCAB = 320
 

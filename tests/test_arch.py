@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 from moefy.arch import FAMILIES, family_for
 from moefy.errors import UnsupportedModel
-from moefy.moe_layer import ACTIVATIONS
+from moefy.modeling.activations import ACTIVATIONS
 
 from conftest import tiny_model
 

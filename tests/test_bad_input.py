@@ -38,7 +38,7 @@ def dense(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="module")
 def run(dense):
     out = dense.parent / "run"
-    r = runner.invoke(app, ["convert", "--model", str(dense), "--out", str(out), *FAST])
+    r = runner.invoke(app, ["convert", "--preset", "moefication", "--model", str(dense), "--out", str(out), *FAST])
     assert r.exit_code == 0, r.output
     return out
 
@@ -79,7 +79,7 @@ def test_damaged_moefy_folder(run, tmp_path, name, damage, message):
 def test_damaged_dense_folder(dense, tmp_path):
     folder = shutil.copytree(dense, tmp_path / "dense")
     _truncate(folder / "model.safetensors")
-    fails(["convert", "--model", str(folder), "--out", str(tmp_path / "o"), *FAST], "complete", tmp_path,
+    fails(["convert", "--preset", "moefication", "--model", str(folder), "--out", str(tmp_path / "o"), *FAST], "complete", tmp_path,
           tmp_path / "o")
 
 
@@ -91,7 +91,7 @@ def test_tokenizer_of_another_model(dense, run, tokenizer, tmp_path):
         folder = shutil.copytree(src, tmp_path / src.name)
         bigger.save_pretrained(folder)
         command = (["eval", str(folder), *EVAL] if src is run else
-                   ["convert", "--model", str(folder), "--out", str(tmp_path / "o"), *FAST])
+                   ["convert", "--preset", "moefication", "--model", str(folder), "--out", str(tmp_path / "o"), *FAST])
         fails(command, "does not belong to this model", tmp_path, tmp_path / "o")
     fails(["prune", str(tmp_path / "dense"), "--out", str(tmp_path / "o"), "--no-eval"], "embedding has 320 rows",
           tmp_path, tmp_path / "o")
@@ -113,12 +113,12 @@ def _gguf(path, arch, tensors=True):
 
 def test_gguf_we_cannot_load(tmp_path):
     out = tmp_path / "o"
-    fails(["convert", "--model", str(_gguf(tmp_path / "f.gguf", "falcon")), "--out", str(out)],
+    fails(["convert", "--preset", "moefication", "--model", str(_gguf(tmp_path / "f.gguf", "falcon")), "--out", str(out)],
           "GGUF architecture 'falcon' is not supported; supported: bert, gpt2, llama", tmp_path, out)
-    fails(["convert", "--model", str(_gguf(tmp_path / "l.gguf", "llama", tensors=False)), "--out", str(out)],
+    fails(["convert", "--preset", "moefication", "--model", str(_gguf(tmp_path / "l.gguf", "llama", tensors=False)), "--out", str(out)],
           "cannot load", tmp_path, out)
     (tmp_path / "t.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 64)
-    fails(["convert", "--model", str(tmp_path / "t.gguf"), "--out", str(out)], "not a readable GGUF", tmp_path, out)
+    fails(["convert", "--preset", "moefication", "--model", str(tmp_path / "t.gguf"), "--out", str(out)], "not a readable GGUF", tmp_path, out)
 
 
 @pytest.mark.parametrize("content,message", [(b"", "holds no text"), (b"\n\n  \n\n", "holds no text"),
@@ -129,12 +129,12 @@ def test_empty_binary_or_short_text(dense, run, tmp_path, content, message):
     data = tmp_path / "calib.txt"
     data.write_bytes(content)
     args = ["--model", str(dense), "--out", str(tmp_path / "o"), *FAST, "--calib", str(data)]
-    fails(["convert", *args], message, tmp_path, tmp_path / "o")
+    fails(["convert", "--preset", "moefication", *args], message, tmp_path, tmp_path / "o")
     fails(["eval", str(run), "--data", str(data), "--seq-len", "32"], message, tmp_path)
 
 
 def test_token_count_below_what_the_router_needs(dense, tmp_path):
-    args = ["convert", "--model", str(dense), "--out", str(tmp_path / "o"), *FAST, "--router", "mlp",
+    args = ["convert", "--preset", "moefication", "--model", str(dense), "--out", str(tmp_path / "o"), *FAST, "--router", "mlp",
             "--calib-tokens", "1024", "--active", "1"]
     fails(args, "1024 tokens requested from 'pydoc', fewer than the 2048 needed", tmp_path, tmp_path / "o")
 
@@ -145,7 +145,7 @@ def test_nan_weights_name_the_layer(dense, tmp_path):
     with torch.no_grad():
         model.model.layers[1].self_attn.o_proj.weight.fill_(float("nan"))
     model.save_pretrained(folder)
-    fails(["convert", "--model", str(folder), "--out", str(tmp_path / "o"), *FAST], "FFN activations of layer 1",
+    fails(["convert", "--preset", "moefication", "--model", str(folder), "--out", str(tmp_path / "o"), *FAST], "FFN activations of layer 1",
           tmp_path, tmp_path / "o")
     fails(["prune", str(folder), "--out", str(tmp_path / "o"), "--calib", "pydoc", "--calib-tokens", "256",
            "--seq-len", "32", "--no-eval"], "FFN inputs of layer 1", tmp_path, tmp_path / "o")
@@ -158,17 +158,17 @@ def test_calibration_inputs_that_do_not_fit_in_memory(dense, tmp_path, monkeypat
         available = 1024
 
     monkeypatch.setattr(psutil, "virtual_memory", lambda: Memory)
-    fails(["convert", "--model", str(dense), "--out", str(tmp_path / "o"), *FAST],
+    fails(["convert", "--preset", "moefication", "--model", str(dense), "--out", str(tmp_path / "o"), *FAST],
           "lower --calib-tokens, or add --layerwise", tmp_path, tmp_path / "o")
-    r = runner.invoke(app, ["convert", "--model", str(dense), "--out", str(tmp_path / "lw"), *FAST, "--layerwise"])
+    r = runner.invoke(app, ["convert", "--preset", "moefication", "--model", str(dense), "--out", str(tmp_path / "lw"), *FAST, "--layerwise"])
     assert r.exit_code == 0, r.output  # one layer at a time: the check is the all-at-once path's
 
 
 def test_memory_check_counts_every_layer(dense):
     from moefy.arch import family_for
-    from moefy.convert import check_memory
+    from moefy.pipeline.calibrate import check_memory
     from moefy.errors import OutOfMemory
-    from moefy.models import load
+    from moefy.pipeline.load import load
 
     model = load(str(dense)).model
     family = family_for(model.config)

@@ -4,7 +4,7 @@ import torch
 from typer.testing import CliRunner
 
 import moefy
-from moefy import bench
+from moefy.eval import bench
 from moefy.cli import app
 from moefy.config import DataConfig, MoEConfig
 
@@ -23,7 +23,7 @@ def test_dense_module_and_twin_equal_all_experts(tokenizer):
     with m.all_experts():
         expected = m.model(input_ids=ids).logits
     torch.testing.assert_close(twin(input_ids=ids).logits, expected, atol=1e-4, rtol=1e-4)
-    assert not any(isinstance(x, moefy.moe_layer.MoEFFN) for x in twin.modules())
+    assert not any(isinstance(x, moefy.modeling.moe_layer.MoEFFN) for x in twin.modules())
 
 
 def test_compare_interleaves_and_reports():

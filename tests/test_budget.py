@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import moefy
-from moefy.budget import allocate, error_curve
+from moefy.pipeline.budget import allocate, error_curve
 from moefy.config import DataConfig, MoEConfig
 from moefy.errors import ConfigError
 

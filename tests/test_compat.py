@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 import moefy
 from moefy.cli import app
 from moefy.config import DataConfig, MoEConfig
-from moefy.data import documents
+from moefy.pipeline.data import documents
 
 from conftest import tiny_model
 

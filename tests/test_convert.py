@@ -204,7 +204,7 @@ def test_a_changed_selection_is_what_reloads(tokenizer, tmp_path, ids):
 
 def test_oracle_routing_is_at_least_as_good(tokenizer, ids):
     m = moefy.convert(tiny_model("llama"), moe=fast_cfg(num_experts=16, active=0.4), data=DATA, tokenizer=tokenizer)
-    blocks = moefy.data.blocks("pydoc:heldout", tokenizer, 32, max_tokens=512)
+    blocks = moefy.pipeline.data.blocks("pydoc:heldout", tokenizer, 32, max_tokens=512)
     r = moefy.evaluate(m, blocks, oracle=True)
     assert r["oracle"]["ppl"] <= r["moe"]["ppl"] * 1.02
     assert 0 < r["oracle"]["router_recall"] <= 1
@@ -232,8 +232,8 @@ def test_router_losses(loss, tokenizer, ids):
 def test_representative_router_picks_the_best_correlated_neuron():
     """An expert whose output is driven by one neuron gets that neuron as its representative."""
     from moefy.arch import DenseFFN
-    from moefy.moe_layer import MoEFFN
-    from moefy.routing import init_representative
+    from moefy.modeling.moe_layer import MoEFFN
+    from moefy.pipeline.route import init_representative
 
     g = torch.Generator().manual_seed(0)
     w_in = torch.randn(8, 6, generator=g)
@@ -286,8 +286,8 @@ def test_sketched_experts_convert_save_and_reload_exactly(tokenizer, tmp_path, i
 def test_sketch_conversions_get_sketched_experts_by_default():
     """Unset, a sketch router's approx share is SKETCH_APPROX_DEFAULT with a fixed top-k and 0
     with dynamic-k; other routers have none."""
-    from moefy.moe_layer import SKETCH_APPROX_DEFAULT
-    from moefy.routing import router_spec
+    from moefy.modeling.router_sketch import SKETCH_APPROX_DEFAULT
+    from moefy.pipeline.route import router_spec
 
     fixed = router_spec("sketch", MoEConfig(router="sketch", active=0.5))
     assert fixed["options"]["approx"] == SKETCH_APPROX_DEFAULT == 0.3
@@ -304,7 +304,7 @@ def test_sketch_conversions_get_sketched_experts_by_default():
 def test_sketch_thresholds_by_default_and_their_errors(tokenizer):
     """Unset, a sketch router selects by score thresholds with a fixed top-k and by dynamic-k with
     tau; --router-top-k converts without them, and they cannot be switched on after."""
-    from moefy.routing import router_spec
+    from moefy.pipeline.route import router_spec
 
     assert router_spec("sketch", MoEConfig(router="sketch", active=0.5))["options"]["threshold"] is True
     assert router_spec("sketch", MoEConfig(router="sketch", active=None, tau=0.5))["options"]["threshold"] is False

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from moefy import core
+from moefy.studies import core
 from test_moe_layer import CASES, D, make_moe
 
 

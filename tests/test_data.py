@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from moefy.data import blocks, documents, split, wiki_documents
+from moefy.pipeline.data import blocks, documents, split, wiki_documents
 from moefy.errors import DataError
 
 
@@ -46,6 +46,34 @@ def test_bad_jsonl_names_the_line(tmp_path):
     f = tmp_path / "bad.jsonl"
     f.write_text('{"text": "ok"}\n{"content": "no text field"}\n')
     with pytest.raises(DataError, match="bad.jsonl:2"):
+        documents(str(f))
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"text": 1}', '"text" must be a string, got a number'),
+    ('{"text": null}', '"text" must be a string, got null'),
+    ('{"text": ["a", "b"]}', '"text" must be a string, got a list'),
+    ('{"text": {"body": "a"}}', '"text" must be a string, got an object'),
+    ('["text", "a"]', "a JSON object with a \"text\" field, got a list"),
+    ('"just a string"', "a JSON object with a \"text\" field, got a string"),
+    ('{"text": "unterminated', "not valid JSON"),
+    ("[" * 100_000, "not valid JSON"),
+])
+def test_jsonl_fields_are_checked_where_read(tmp_path, line, message):
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"text": "a first document"}\n' + line + "\n")
+    with pytest.raises(DataError, match="bad.jsonl:2") as err:
+        documents(str(f))
+    assert message in str(err.value)
+
+
+def test_jsonl_line_over_the_limit(tmp_path, monkeypatch):
+    from moefy.pipeline import data
+
+    monkeypatch.setattr(data, "MAX_LINE_CHARS", 100)
+    f = tmp_path / "huge.jsonl"
+    f.write_text('{"text": "' + "a" * 200 + '"}\n')
+    with pytest.raises(DataError, match="huge.jsonl:1: the line has 212 characters"):
         documents(str(f))
 
 

@@ -13,10 +13,10 @@ import transformers
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from moefy import distributed
+from moefy.pipeline import distributed
 from moefy.arch import family_for
 from moefy.cli import app
-from moefy.profiling import profile
+from moefy.pipeline.calibrate import profile
 
 from conftest import tiny_config, tiny_model
 
@@ -61,7 +61,7 @@ def test_torchrun_convert_equals_one_process(tmp_path, tokenizer):
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    args = ["convert", "--model", str(folder), "--no-eval", "--calib", "pydoc", "--experts", "16", "--shared", "0.125",
+    args = ["convert", "--preset", "moefication", "--model", str(folder), "--no-eval", "--calib", "pydoc", "--experts", "16", "--shared", "0.125",
             "--active", "0.6", "--router", "mlp", "--calib-tokens", "2048", "--seq-len", "32"]
     r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "one")])
     assert r.exit_code == 0, r.output

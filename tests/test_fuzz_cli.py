@@ -45,7 +45,7 @@ def check(result, out):
 def test_convert_settings_never_crash(folder, tmp_path, experts, active, tau, shared, method, router, calib_tokens,
                                       seq_len):
     out = tmp_path / f"run-{uuid.uuid4().hex[:6]}"
-    args = ["convert", "--model", str(folder), "--out", str(out), "--no-eval", "--calib", "pydoc",
+    args = ["convert", "--preset", "moefication", "--model", str(folder), "--out", str(out), "--no-eval", "--calib", "pydoc",
             "--experts", str(experts), "--shared", str(shared), "--method", method, "--router", router,
             "--calib-tokens", str(calib_tokens), "--seq-len", str(seq_len)]
     if active is not None:
@@ -63,7 +63,7 @@ def test_data_files_never_crash(folder, tmp_path, content, suffix):
     data = tmp_path / f"data-{uuid.uuid4().hex[:6]}{suffix}"
     data.write_bytes(content)
     out = tmp_path / f"run-{uuid.uuid4().hex[:6]}"
-    args = ["convert", "--model", str(folder), "--out", str(out), "--no-eval", "--calib", str(data),
+    args = ["convert", "--preset", "moefication", "--model", str(folder), "--out", str(out), "--no-eval", "--calib", str(data),
             "--experts", "8", "--shared", "0", "--router", "similarity", "--calib-tokens", "64", "--seq-len", "16"]
     check(runner.invoke(app, args), out)
     shutil.rmtree(out, ignore_errors=True)
@@ -75,7 +75,7 @@ def test_data_files_never_crash(folder, tmp_path, content, suffix):
 def test_eval_overrides_never_crash(folder, tmp_path_factory, top_k, tau, active, tokens):
     run = tmp_path_factory.getbasetemp() / "fuzz-run"
     if not run.exists():
-        r = runner.invoke(app, ["convert", "--model", str(folder), "--out", str(run), "--no-eval", "--calib", "pydoc",
+        r = runner.invoke(app, ["convert", "--preset", "moefication", "--model", str(folder), "--out", str(run), "--no-eval", "--calib", "pydoc",
                                 "--experts", "8", "--shared", "0", "--router", "similarity", "--calib-tokens", "512",
                                 "--seq-len", "32"])
         assert r.exit_code == 0, r.output

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from moefy.arch import DenseFFN
-from moefy.grouping import GROUPINGS, _rebalance, split_neurons
-from moefy.profiling import FFNStats
+from moefy.pipeline.group import GROUPINGS, _rebalance, split_neurons
+from moefy.pipeline.stats import FFNStats
 
 I, D = 64, 16
 

@@ -71,6 +71,6 @@ def test_analysis_errors(run_folder, args, message):
 
 
 def test_convert_router_input_previous_needs_mlp(run_folder):
-    r = runner.invoke(app, ["convert", "--model", str(run_folder / "tiny"), "--out", str(run_folder / "pg"), *FAST,
+    r = runner.invoke(app, ["convert", "--preset", "moefication", "--model", str(run_folder / "tiny"), "--out", str(run_folder / "pg"), *FAST,
                             "--router-input", "previous", "--router", "similarity"])
     assert r.exit_code == 2 and "--router-input previous" in r.output and not (run_folder / "pg").exists()

@@ -5,12 +5,14 @@ import torch
 from safetensors import safe_open
 
 import moefy
-from moefy import layerwise, models
+from moefy.pipeline import layerwise, load as models
 from moefy.arch import FAMILIES
 from moefy.config import DataConfig, MoEConfig
 from moefy.errors import OutOfSpace, OutputExists, ResumeMismatch
-from moefy.layerwise import LayerwiseConfig, block_inputs, run_layer
-from moefy.profiling import FFNStats, profile
+from moefy.pipeline.blocks import block_inputs, run_layer
+from moefy.pipeline.layerwise import LayerwiseConfig
+from moefy.pipeline.stats import FFNStats
+from moefy.pipeline.calibrate import profile
 
 from conftest import outputs, tiny_model
 
@@ -166,11 +168,11 @@ def test_cli_layerwise_and_moefy_run_json(tiny_folder, tmp_path):
     fast = ["--model", str(tiny_folder), "--calib", "pydoc", "--experts", "8", "--shared", "0", "--calib-tokens",
             "2048", "--seq-len", "32", "--eval-data", "pydoc:heldout", "--eval-tokens", "256", "--router", "similarity"]
     runner = CliRunner()
-    r = runner.invoke(app, ["convert", *fast, "--out", str(tmp_path / "lw"), "--layerwise", "--propagate", "moe",
+    r = runner.invoke(app, ["convert", "--preset", "moefication", *fast, "--out", str(tmp_path / "lw"), "--layerwise", "--propagate", "moe",
                             "--offload", "--json", str(tmp_path / "lw.json")])
     assert r.exit_code == 0, r.output
     assert "perplexity" in r.output and not (tmp_path / "lw.partial").exists()
-    r = runner.invoke(app, ["convert", *fast, "--out", str(tmp_path / "whole"), "--no-eval"])
+    r = runner.invoke(app, ["convert", "--preset", "moefication", *fast, "--out", str(tmp_path / "whole"), "--no-eval"])
     assert r.exit_code == 0, r.output
     runs = [json.loads((tmp_path / p / "moefy_run.json").read_text()) for p in ("lw", "whole")]
     for run in runs:
@@ -187,9 +189,9 @@ def test_cli_layerwise_and_moefy_run_json(tiny_folder, tmp_path):
     (tmp_path / "x.partial").mkdir()
     (tmp_path / "x.partial" / "manifest.json").write_text(json.dumps({"fingerprint": {"moe": {}}, "done": 0,
                                                                       "layers": []}))
-    r = runner.invoke(app, ["convert", *fast, "--out", str(tmp_path / "x"), "--layerwise", "--resume"])
+    r = runner.invoke(app, ["convert", "--preset", "moefication", *fast, "--out", str(tmp_path / "x"), "--layerwise", "--resume"])
     assert r.exit_code == 2 and "cannot resume" in r.output and "Traceback" not in r.output, r.output
-    r = runner.invoke(app, ["convert", *fast, "--out", str(tmp_path / "y"), "--dtype", "bf16"])
+    r = runner.invoke(app, ["convert", "--preset", "moefication", *fast, "--out", str(tmp_path / "y"), "--dtype", "bf16"])
     assert r.exit_code == 2 and "need --layerwise" in r.output
-    r = runner.invoke(app, ["convert", *fast, "--out", str(tmp_path / "y"), "--layerwise", "--device", "tpu"])
+    r = runner.invoke(app, ["convert", "--preset", "moefication", *fast, "--out", str(tmp_path / "y"), "--layerwise", "--device", "tpu"])
     assert r.exit_code == 2 and "unknown device" in r.output

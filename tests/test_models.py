@@ -3,7 +3,7 @@ import importlib.util
 import numpy as np
 import pytest
 
-from moefy import models
+from moefy.pipeline import load as models
 from moefy.errors import ModelLoadError, UnsupportedModel
 
 

@@ -1,9 +1,11 @@
 import pytest
 import torch
 
-from moefy import moe_layer
+from moefy.modeling import compiled
 from moefy.arch import DenseFFN
-from moefy.moe_layer import ACTIVATIONS, MoEFFN, select_experts
+from moefy.modeling.activations import ACTIVATIONS
+from moefy.modeling.moe_layer import MoEFFN
+from moefy.modeling.selection import select_experts
 
 D, I = 24, 48
 
@@ -38,10 +40,10 @@ CASES = [("swiglu", False, 0), ("swiglu", False, 12), ("mlp", True, 0), ("mlp", 
 @pytest.fixture(params=["torch", "kernels"])
 def path(request, monkeypatch):
     """Run a test on the torch paths and on the compiled kernels (inference mode: no autograd)."""
-    if request.param == "kernels" and moe_layer._kernels() is None:
+    if request.param == "kernels" and compiled._kernels() is None:
         pytest.skip("moefy.kernels could not be built here (no C++ compiler)")
     if request.param == "torch":
-        monkeypatch.setattr(moe_layer, "_KERNELS", None)
+        monkeypatch.setattr(compiled, "_KERNELS", None)
     with torch.no_grad():
         yield request.param
 
@@ -50,10 +52,10 @@ def selection(moe, x):
     """The experts the layer will use for x, by the same rule as its forward: the kernels rank
     scores in C++ (ties may break differently from torch.topk)."""
     x = x.reshape(-1, x.shape[-1])
-    kern = moe_layer._kernels()
+    kern = compiled._kernels()
     if kern is None or torch.is_grad_enabled() or moe.tau is not None:
         return moe.route(x)
-    if moe._mlp_router and len(x) <= moe_layer.KERNEL_FUSED_MAX_TOKENS:
+    if moe._mlp_router and len(x) <= compiled.KERNEL_FUSED_MAX_TOKENS:
         idx = kern.mlp_topk(moe._kernel_args(kern), x, moe.top_k)
     else:
         idx = kern.topk(moe._rank_scores(x), moe.top_k)
@@ -101,7 +103,7 @@ def test_kernel_router_ranks_like_torch(path):
         pytest.skip("kernel-only")
     _, moe = make_moe(E=8, top_k=3)
     x = torch.randn(20, D)
-    kern = moe_layer._kernels()
+    kern = compiled._kernels()
     idx = kern.mlp_topk(moe._kernel_args(kern), x, 3)
     assert idx.sort(1).values.tolist() == moe.router(x).topk(3, dim=-1).indices.sort(1).values.tolist()
 
@@ -265,11 +267,11 @@ def test_sketch_reuse_kernel_adds_only_the_channels_left(kind, bias, path):
                  r(i) if bias else None, r(i, d) / 5, None)
     moe = MoEFFN.from_dense(f, torch.arange(0), torch.arange(i).view(-1, 2),
                             {"kind": "sketch", "options": {"channels": 0.3, "reuse": True}}, top_k=5)
-    kern = moe_layer._kernels()
+    kern = compiled._kernels()
     for tokens in (1, 3, 20):
         x = torch.randn(tokens, d, generator=g)
         mask = selection(moe, x)
-        _, (kept, gp, upp) = moe.sketch_norms(x, moe.router.kept, partials=True)
+        _, (kept, gp, upp) = moe.router.norms(x, moe.router.kept, partials=True)
         assert kept.shape == (tokens, 22)  # 0.3 x 75
         experts = mask.nonzero()[:, 1].view(tokens, -1).contiguous()
         args = moe._kernel_args(kern)
@@ -480,7 +482,7 @@ def test_sketch_gemm_path_matches_reference(kind, bias, shared, n, mode, path):
     (every routed neuron computed, the selection masked into the down product; the kernels take
     the same tokens themselves): the same outputs and counts as the plain references, with reuse
     or without."""
-    T = moe_layer.SKETCH_GEMM_MIN_TOKENS + 6
+    T = compiled.SKETCH_GEMM_MIN_TOKENS + 6
     x = torch.randn(T, D, generator=torch.Generator().manual_seed(11))
     for reuse in (False, True):
         if mode.startswith("threshold"):
@@ -506,7 +508,7 @@ def test_sketch_gemm_path_passes_gradients_to_its_input():
     """A frozen sketch layer inside a model whose other parts train: its input's gradient is the
     reference's (the masks carry none; the exact and sketched activations do)."""
     moe, _ = thresholded_moe()
-    x = torch.randn(moe_layer.SKETCH_GEMM_MIN_TOKENS + 2, D, requires_grad=True)
+    x = torch.randn(compiled.SKETCH_GEMM_MIN_TOKENS + 2, D, requires_grad=True)
     moe(x).square().sum().backward()  # inputs with gradients: the torch paths, as GEMMs here
     ref = x.detach().clone().requires_grad_(True)
     threshold_reference(moe, ref)[0].square().sum().backward()
@@ -584,7 +586,7 @@ def test_pruned_sketch_costs_its_nonzero_products():
     moe, calib = pruned_moe(sparsity=0.5)
     r = moe.router
     E, n, _ = moe.w_in.shape
-    masks = moe._sketch_masks()
+    masks = moe.router.masks()
     assert all(int(m.sum(1).min()) == int(m.sum(1).max()) == D - 12 for m in masks)  # each row keeps half
     kept = calib.abs().topk(r.kept, dim=-1).indices
     x = calib[torch.linspace(0, len(calib) - 1, len(calib)).long()]
@@ -630,12 +632,12 @@ def test_pruned_sketch_trains_through_its_masks():
         y = moe(x)
         torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-5)
         # only the sketch path: the exact experts' rows see every channel
-        h = moe._sketch_hidden(x, x.abs().topk(moe.router.kept, dim=-1).indices)[0]
+        h = moe.router.hidden_from(x, x.abs().topk(moe.router.kept, dim=-1).indices)[0]
         moe.w_in.grad = None
         h.sum().backward()
-    pruned_away = ~moe._sketch_masks()[0]
+    pruned_away = ~moe.router.masks()[0]
     assert moe.w_in.grad.flatten(0, 1)[pruned_away].abs().max() == 0
-    before = moe._sketch_weights()[0].clone()
+    before = moe.router.weights_view()[0].clone()
     with torch.no_grad():
         moe.w_in.mul_(torch.rand_like(moe.w_in))
-    assert not torch.equal(before, moe._sketch_weights()[0])
+    assert not torch.equal(before, moe.router.weights_view()[0])

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 import moefy
-from moefy import offload, pregate
+from moefy.studies import offload, pregate
 from moefy.config import MoEConfig
-from moefy.offload import LRUCache, replay
+from moefy.studies.offload import LRUCache, replay
 
 from conftest import TINY_MOE
 # One layer's decode, 2 slots: the experts each step selects.
@@ -61,7 +61,7 @@ def test_offloaded_decode_is_exact_and_counts_match_replay(tiny_llama_moe, token
     m = tiny_llama_moe
     prompt = torch.randint(5, 300, (1, 12), generator=torch.Generator().manual_seed(0))
     expected, _ = offload.greedy(m.model, prompt, 10)
-    calib = moefy.data.blocks("pydoc", tokenizer, 32, max_tokens=1024)
+    calib = moefy.pipeline.data.blocks("pydoc", tokenizer, 32, max_tokens=1024)
     predictors = [None] + [r for r, _ in pregate.train_routers(m, pregate.dense_inputs(m, calib),
                                                                 MoEConfig(**TINY_MOE))]
     store = offload.ExpertStore(m.layers, tmp_path)

@@ -3,10 +3,11 @@ import torch
 import transformers
 
 import moefy
-from moefy import data as data_mod, pregate
+from moefy.pipeline import data as data_mod
+from moefy.studies import pregate
 from moefy.config import MoEConfig
 from moefy.errors import ConfigError
-from moefy.moe_layer import select_experts
+from moefy.modeling.selection import select_experts
 
 from conftest import TINY_MOE, outputs
 

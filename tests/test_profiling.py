@@ -3,7 +3,8 @@ import torch
 
 from moefy.arch import FAMILIES
 from moefy.errors import NonFiniteActivations
-from moefy.profiling import FFNStats, capture, profile
+from moefy.pipeline.stats import FFNStats
+from moefy.pipeline.calibrate import capture, profile
 
 from conftest import tiny_model
 

@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from moefy.errors import ConfigError
-from moefy.pruning import (InputStats, PruneConfig, magnitude, nm_mask, parse_nm, prune, pruned_count,
-                           reconstruction_error, sparsegpt, wanda)
+from moefy.expansion.pruning import InputStats, PruneConfig, magnitude, nm_mask, parse_nm, prune, pruned_count, reconstruction_error, sparsegpt, wanda
 
 
 def correlated_layer(rows=96, cols=256, tokens=2048, seed=0):

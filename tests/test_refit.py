@@ -1,4 +1,4 @@
-"""The down-row refit (moefy.refit): the ridge solution itself, what it changes and keeps, and the
+"""The down-row refit (moefy.pipeline.refit): the ridge solution itself, what it changes and keeps, and the
 stage inside convert (all at once and layer by layer), saved and reloaded."""
 
 import pytest
@@ -7,11 +7,11 @@ import transformers
 from typer.testing import CliRunner
 
 import moefy
-from moefy import refit
+from moefy.pipeline import refit
 from moefy.cli import app
 from moefy.config import DataConfig, MoEConfig
 from moefy.errors import ConfigError
-from moefy.layerwise import LayerwiseConfig
+from moefy.pipeline.layerwise import LayerwiseConfig
 
 from conftest import outputs, save_tiny_llama, tiny_model
 from test_moe_layer import CASES, D, dense_forward, make_moe
@@ -172,7 +172,7 @@ def test_layerwise_refit_on_sparse_inputs(tokenizer, ids):
 def test_layerwise_refit_reads_the_profiled_inputs(tokenizer, monkeypatch):
     """Layer by layer, the refit takes the FFN inputs profiling kept instead of running each block
     again; they are the same inputs, so the model is the one the second run would give."""
-    from moefy import layerwise
+    from moefy.pipeline import layerwise
 
     moe = MoEConfig(**{**SKETCH.to_dict(), "refit_down": 0.1})
     reruns = []
@@ -202,12 +202,12 @@ def test_cli_refit_down_and_its_dense_reference(tokenizer, tmp_path):
             "--active", "0.25", "--calib-tokens", "1024", "--seq-len", "32", "--eval-data", "pydoc:heldout",
             "--eval-tokens", "256"]
     runner = CliRunner()
-    r = runner.invoke(app, ["convert", *fast, "--refit-down", "0", "--out", str(tmp_path / "bad")])
+    r = runner.invoke(app, ["convert", "--preset", "moefication", *fast, "--refit-down", "0", "--out", str(tmp_path / "bad")])
     assert r.exit_code == 2 and "positive" in r.output and not (tmp_path / "bad").exists()
     results = {}
     for name, extra in (("plain", []), ("refit", ["--refit-down", "0.1"])):
         out = tmp_path / name
-        r = runner.invoke(app, ["convert", *fast, *extra, "--out", str(out), "--json", str(tmp_path / f"{name}.json")])
+        r = runner.invoke(app, ["convert", "--preset", "moefication", *fast, *extra, "--out", str(out), "--json", str(tmp_path / f"{name}.json")])
         assert r.exit_code == 0, r.output
         results[name] = json.loads((tmp_path / f"{name}.json").read_text())
     m = moefy.load(tmp_path / "refit")
@@ -218,19 +218,19 @@ def test_cli_refit_down_and_its_dense_reference(tokenizer, tmp_path):
 
 
 def test_tuning_a_refitted_model_distils_toward_the_source(tokenizer, tmp_path):
-    from moefy import tuning
+    from moefy.tuning import distill as tuning
 
     dense = save_tiny_llama(tmp_path / "dense", tokenizer)
     m = moefy.convert(str(dense), moe=MoEConfig(**{**SKETCH.to_dict(), "refit_down": 0.1}), data=DATA)
     teacher = tuning._teacher(m)
     ids = torch.randint(5, 300, (1, 16), generator=torch.Generator().manual_seed(3))
-    torch.testing.assert_close(outputs(teacher, ids), outputs(moefy.models.load(str(dense)).model, ids))
+    torch.testing.assert_close(outputs(teacher, ids), outputs(moefy.pipeline.load.load(str(dense)).model, ids))
     with m.all_experts():
         assert not torch.allclose(outputs(m.model, ids), outputs(teacher, ids))
 
 
 def test_other_shares_warn_and_sweeps_refuse(tokenizer, caplog):
-    from moefy import sweep
+    from moefy.eval import sweep
 
     m = moefy.convert(tiny_model("llama"), moe=MoEConfig(**{**SKETCH.to_dict(), "refit_down": 0.1}), data=DATA,
                       tokenizer=tokenizer)
@@ -247,12 +247,12 @@ def test_core_analysis_of_a_refitted_model_scores_dense_with_the_source(tokenize
 
     import torch.nn.functional as F
 
-    from moefy import core
+    from moefy.studies import core
 
     dense = save_tiny_llama(tmp_path / "dense", tokenizer)
     m = moefy.convert(str(dense), moe=MoEConfig(**{**SKETCH.to_dict(), "refit_down": 0.1}), data=DATA)
     blocks = torch.randint(5, 300, (2, 24), generator=torch.Generator().manual_seed(0))
     got = core.evaluate(m, blocks, prompt_len=12, budget="k")["ppl"]["dense"]
-    logits = moefy.models.load(str(dense)).model(input_ids=blocks).logits[:, 11:-1]
+    logits = moefy.pipeline.load.load(str(dense)).model(input_ids=blocks).logits[:, 11:-1]
     expected = math.exp(float(F.cross_entropy(logits.flatten(0, 1), blocks[:, 12:].flatten())))
     assert got == pytest.approx(expected, rel=1e-5)

@@ -5,7 +5,7 @@ import torch
 import transformers
 
 import moefy
-from moefy import models
+from moefy.pipeline import load as models
 from moefy.config import DataConfig, MoEConfig
 
 pytestmark = pytest.mark.smollm
@@ -29,7 +29,7 @@ def test_smollm_convert_save_load(smollm, tmp_path):
     with m.all_experts():
         torch.testing.assert_close(m.model(input_ids=ids).logits, dense, atol=1e-3, rtol=1e-4)
     sparse = m.model(input_ids=ids).logits
-    heldout = moefy.data.blocks("wiki-sample:heldout", m.tokenizer, seq_len=128, max_tokens=256)
+    heldout = moefy.pipeline.data.blocks("wiki-sample:heldout", m.tokenizer, seq_len=128, max_tokens=256)
     r = moefy.evaluate(m, heldout)
     assert 10 < r["dense"]["ppl"] < 60 and r["moe"]["ppl"] > r["dense"]["ppl"]
     assert r["moe"]["active_ffn_share"] <= 0.5
@@ -54,7 +54,7 @@ def test_smollm_sketch_router_keeps_quality_at_half_compute(smollm):
     layer = m.layers[0]
     assert layer.spec["expert_size"] == 1 and layer.router.reuse and layer.router.kept == round(0.4 * 576)
     assert layer.flops_per_token(layer.top_k) <= 0.5 * layer.dense_flops_per_token()
-    heldout = moefy.data.blocks("wiki-sample:heldout", m.tokenizer, seq_len=256, max_tokens=2048)
+    heldout = moefy.pipeline.data.blocks("wiki-sample:heldout", m.tokenizer, seq_len=256, max_tokens=2048)
     r = moefy.evaluate(m, heldout)
     assert r["moe"]["ppl"] < 1.6 * r["dense"]["ppl"], r
     assert layer.thresholded and r["moe"]["active_ffn_share"] == pytest.approx(0.5, abs=0.02), r

@@ -12,10 +12,9 @@ import moefy
 from moefy.cli import app
 from moefy.config import DataConfig
 from moefy.errors import ConfigError
-from moefy.pruning import InputStats, PruneConfig, sparsegpt
-from moefy.sparse_expansion import (ExpansionConfig, block_inputs, ffn_inputs, hidden, prune_ffn, sparse_layers,
-                                    sparsify)
-from moefy.sparse_ffn import SparseExpertFFN
+from moefy.expansion.pruning import InputStats, PruneConfig, sparsegpt
+from moefy.expansion.sparse_expansion import ExpansionConfig, block_inputs, ffn_inputs, hidden, prune_ffn, sparse_layers, sparsify
+from moefy.modeling.sparse_ffn import SparseExpertFFN
 
 from conftest import outputs, tiny_model
 
@@ -161,7 +160,7 @@ def _hessian(x):
 
 
 def _calib(tokenizer):
-    from moefy.data import blocks
+    from moefy.pipeline.data import blocks
 
     return blocks(DATA.source, tokenizer, DATA.seq_len, max_tokens=DATA.tokens)
 

@@ -3,12 +3,12 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from moefy import data as data_mod
-from moefy import models
+from moefy.pipeline import data as data_mod
+from moefy.pipeline import load as models
 from moefy.cli import app
 from moefy.config import DataConfig, MoEConfig
 from moefy.errors import ConfigError
-from moefy.sweep import Variant, markdown, measured, sweep
+from moefy.eval.sweep import Variant, markdown, measured, sweep
 
 from conftest import tiny_model
 

@@ -10,10 +10,10 @@ import moefy
 from moefy.cli import app
 from moefy.config import DataConfig, MoEConfig
 from moefy.errors import ConfigError
-from moefy.evaluate import perplexity
-from moefy.routing import router_objective, router_targets
-from moefy import tuning
-from moefy.tuning import TuneConfig, fingerprint, trainable_parameters, tune
+from moefy.eval.evaluate import perplexity
+from moefy.pipeline.route import router_objective, router_targets
+from moefy.tuning import distill as tuning
+from moefy.tuning.distill import TuneConfig, fingerprint, trainable_parameters, tune
 
 from conftest import outputs, tiny_model
 
@@ -70,7 +70,7 @@ def test_training_path_is_the_inference_function(converted, ids, tau):
 
 
 def test_tuning_brings_the_moe_model_closer_to_dense(converted, tokenizer):
-    held = moefy.data.blocks("pydoc:heldout", tokenizer, 32, max_tokens=1024)
+    held = moefy.pipeline.data.blocks("pydoc:heldout", tokenizer, 32, max_tokens=1024)
     routers = {n: p.clone() for n, p in converted.model.named_parameters() if ".router." in n}
     with converted.all_experts():
         dense = outputs(converted.model, held)
@@ -103,7 +103,7 @@ def test_hidden_state_error_is_relative_and_token_by_token():
 def test_hidden_loss_matches_the_teacher_layer_by_layer(base, tokenizer):
     """--hidden-loss: the hidden-state term is optimised with the KL, so it falls further than
     under the KL alone, the KL still falls, and the record carries both."""
-    held = moefy.data.blocks("pydoc:heldout", tokenizer, 32, max_tokens=512)
+    held = moefy.pipeline.data.blocks("pydoc:heldout", tokenizer, 32, max_tokens=512)
     plain, layered = copy.deepcopy(base), copy.deepcopy(base)
     tune(plain, cfg(tokens=64 * 30, routers=False))
     record = tune(layered, cfg(tokens=64 * 30, routers=False, hidden_loss=10.0))
@@ -134,7 +134,7 @@ def test_routers_refit_online(base, tokenizer):
     """--routers: the routers keep learning their conversion objective on the tuned model's own
     inputs, so on held-out text they fit the tuned experts better than routers left as they were;
     the distillation still works and nothing stays trainable."""
-    held = moefy.data.blocks("pydoc:heldout", tokenizer, 32, max_tokens=1024)
+    held = moefy.pipeline.data.blocks("pydoc:heldout", tokenizer, 32, max_tokens=1024)
     fixed, refit = copy.deepcopy(base), copy.deepcopy(base)
     tune(fixed, cfg(tokens=64 * 40, routers=False))
     record = tune(refit, cfg(tokens=64 * 40, router_lr=3e-3))  # the default for mlp routers
@@ -254,7 +254,7 @@ def test_cli_tune_then_eval_against_the_source(tiny_folder, tmp_path):
     runner = CliRunner()
     run, out = tmp_path / "moe", tmp_path / "tuned"
     common = ["--seq-len", "32", "--eval-data", "pydoc:heldout", "--eval-tokens", "256"]
-    r = runner.invoke(app, ["convert", "--model", str(tiny_folder), "--calib", "pydoc", "--experts", "8",
+    r = runner.invoke(app, ["convert", "--preset", "moefication", "--model", str(tiny_folder), "--calib", "pydoc", "--experts", "8",
                             "--shared", "0", "--router", "similarity",
                             "--calib-tokens", "2048", "--out", str(run), *common])
     assert r.exit_code == 0, r.output
@@ -263,8 +263,8 @@ def test_cli_tune_then_eval_against_the_source(tiny_folder, tmp_path):
     assert r.exit_code == 0, r.output
     assert "KL" in r.output and not (tmp_path / "tuned.tuning").exists()
     result = json.loads((tmp_path / "t.json").read_text())
-    source = moefy.models.load(str(tiny_folder))
-    blocks = moefy.data.blocks("pydoc:heldout", source.tokenizer, 32, max_tokens=256)
+    source = moefy.pipeline.load.load(str(tiny_folder))
+    blocks = moefy.pipeline.data.blocks("pydoc:heldout", source.tokenizer, 32, max_tokens=256)
     assert result["dense"]["ppl"] == pytest.approx(perplexity(source.model, blocks)[0], rel=1e-6)
     tuned = moefy.load(out)
     assert tuned.record["tuning"]["steps"] == 10
@@ -287,7 +287,7 @@ def test_score_thresholds_are_fitted_again_after_tuning(tokenizer):
     record = tune(m, cfg(tokens=64 * 6, lr=1e-2))
     assert record["score_quantiles_refit_tokens"] > 0
     assert [layer.thresholds() for layer in m.layers] != before
-    blocks = moefy.data.blocks("pydoc:calib", tokenizer, 32, max_tokens=1024)
+    blocks = moefy.pipeline.data.blocks("pydoc:calib", tokenizer, 32, max_tokens=1024)
     for layer in m.layers:
         layer.reset_counters()
     with torch.no_grad():
@@ -315,7 +315,7 @@ def test_bf16_tuning_keeps_fp32_weights_and_learns_like_fp32(base, tokenizer):
     """bf16 autocast runs the products in bf16 while weights and updates stay fp32; the tuning it
     gives is close to fp32's (the same held-out KL to dense within 10%), and the record says
     which precision ran. A checkpoint of one precision is not resumed by the other."""
-    held = moefy.data.blocks("pydoc:heldout", tokenizer, 32, max_tokens=1024)
+    held = moefy.pipeline.data.blocks("pydoc:heldout", tokenizer, 32, max_tokens=1024)
     with base.all_experts():
         dense = outputs(base.model, held)
     before = kl(outputs(base.model, held), dense)
@@ -328,7 +328,7 @@ def test_bf16_tuning_keeps_fp32_weights_and_learns_like_fp32(base, tokenizer):
         after[precision] = kl(outputs(m.model, held), dense)
     assert after["bf16"] < 0.8 * before and after["fp32"] < 0.8 * before, (before, after)
     assert abs(after["bf16"] - after["fp32"]) < 0.1 * after["fp32"], after
-    blocks = moefy.data.blocks("pydoc:calib", tokenizer, 32)
+    blocks = moefy.pipeline.data.blocks("pydoc:calib", tokenizer, 32)
     assert fingerprint(base, cfg(precision="fp32"), blocks) != fingerprint(base, cfg(precision="bf16"), blocks)
 
 

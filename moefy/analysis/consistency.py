@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
+from moefy.errors import ConfigError
 
 SEGMENTS = (4, 16, 64, 256)
 CACHE_RATIOS = (1.0, 2.0, 4.0)
@@ -135,7 +135,7 @@ def check(seq_len: int, segments, ratios):
 def analyse(masks: list[torch.Tensor], segments=SEGMENTS, ratios=CACHE_RATIOS, seed: int = 0) -> dict:
     """SRP and SCH for every layer's selections masks [B, L, E] (routes.routing_masks), every
     segment length and cache ratio; per layer, and pooled / averaged over layers."""
-    from .routes import mean_k
+    from moefy.analysis.routes import mean_k
 
     check(masks[0].shape[1], segments, ratios)
     layers, pooled, pooled_shuffled = [], {}, {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..convert import MoEModel
+from moefy.model import MoEModel
 
 
 @torch.no_grad()

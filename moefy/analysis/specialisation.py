@@ -47,7 +47,7 @@ def analyse(masks: dict[str, list[torch.Tensor]]) -> dict:
     """Per layer and domain: selection frequencies, the between-domain comparison and the
     within-domain noise floor. masks: two domains' routes.routing_masks ([B, L, E] per layer); the
     domain with more blocks is cut to the other's count."""
-    from .routes import mean_k, usage
+    from moefy.analysis.routes import mean_k, usage
 
     if len(masks) != 2:
         raise ValueError("specialisation compares exactly two domains")

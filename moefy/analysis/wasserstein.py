@@ -23,8 +23,8 @@ import logging
 
 import torch
 
-from ..arch import Family, family_for
-from ..pruning import InputStats, sparsegpt
+from moefy.arch import Family, family_for
+from moefy.expansion.pruning import InputStats, sparsegpt
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +128,9 @@ def analyse(model, tokenizer, data, eval_blocks: torch.Tensor | None = None, sha
     eval_blocks, also the experiment: held-out perplexity of the dense model and with the input
     rows of each layer's top-W, bottom-W and random `share` of neurons pruned to `sparsity`.
     Returns (result dict for JSON, the per-layer distances)."""
-    from .. import data as data_mod
-    from ..errors import ConfigError
-    from ..evaluate import perplexity
+    from moefy.pipeline import data as data_mod
+    from moefy.errors import ConfigError
+    from moefy.eval.evaluate import perplexity
 
     if not 0 < share <= 0.5:
         raise ConfigError(f"neuron share must be in (0, 0.5] (top and bottom must not overlap), got {share}")

@@ -1,10 +1,10 @@
 """Model families, keyed by `config.model_type`. Adding a family is one small file plus one line here."""
 
-from ..errors import UnsupportedModel
-from .base import DenseFFN, Family
-from .bert import BERT
-from .gpt2 import GPT2
-from .llama import LLAMA
+from moefy.errors import UnsupportedModel
+from moefy.arch.base import DenseFFN, Family
+from moefy.arch.bert import BERT
+from moefy.arch.gpt2 import GPT2
+from moefy.arch.llama import LLAMA
 
 FAMILIES: dict[str, Family] = {t: f for f in (LLAMA, GPT2, BERT) for t in f.model_types}
 

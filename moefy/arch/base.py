@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import UnsupportedModel
-from ..moe_layer import activation_name
+from moefy.errors import UnsupportedModel
+from moefy.modeling.activations import activation_name
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-from .base import Family
+from moefy.arch.base import Family
 
 # BERT splits its FFN: `intermediate` (dense + act) and `output` (dense, dropout, LayerNorm with the
 # residual). The MoE layer replaces `intermediate` and returns the FFN output; `output.dense`

@@ -1,4 +1,4 @@
-from .base import Family
+from moefy.arch.base import Family
 
 GPT2 = Family(
     name="gpt2",

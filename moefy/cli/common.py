@@ -1,0 +1,125 @@
+"""What every command shares: the error guard (one line, exit code 2), opening a saved run with its
+overrides, rendering and writing an evaluation."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import typer
+
+from moefy.errors import MoefyError
+
+def run_command(fn):
+    """Run a command body: user errors become one line on stderr and exit code 2."""
+    try:
+        return fn()
+    except MoefyError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted; the output was not written (a --layerwise convert continues with --resume)", err=True)
+        raise typer.Exit(130)
+
+
+ROUTER_CHANNELS = typer.Option(None, help="Override a sketch router's share of input channels (applied before --active).")
+
+
+ROUTER_APPROX = typer.Option(None, help="Override a sketch router's approx share (sketched experts; applied before "
+                                        "--active).")
+
+
+ROUTER_REUSE = typer.Option(None, "--router-reuse/--no-router-reuse",
+                            help="Override whether a sketch router's selected neurons start from its sums (their "
+                                 "FLOPs, so the top-k a share allows, change; applied before --active).")
+
+
+ROUTER_THRESHOLD = typer.Option(None, "--router-threshold/--router-top-k",
+                                help="Override how a sketch router selects: by its score thresholds (a model "
+                                     "converted with them) or a fixed top-k.")
+
+
+def open_run(run, json_out, overwrite, active=None, top_k=None, tau=None, router_channels=None, router_approx=None,
+              router_reuse=None, router_threshold=None):
+    """Check the JSON target first (nothing is overwritten by surprise), load, apply overrides."""
+    from moefy import load
+    from moefy.io import check_target
+
+    if json_out is not None:
+        check_target(json_out, overwrite)
+    m = load(run)
+    if router_channels is not None:
+        m.set_router_channels(router_channels)
+    if router_approx is not None:
+        m.set_router_approx(router_approx)
+    if router_reuse is not None:
+        m.set_router_reuse(router_reuse)
+    if router_threshold is not None:
+        m.set_router_threshold(router_threshold)
+    if active is not None:
+        m.set_active(active)
+    if top_k is not None or tau is not None:
+        m.set_routing(top_k=top_k, tau=tau)
+    return m
+
+
+def report_eval(m, blocks, data, json_out, oracle=False, run=None):
+    from moefy.eval.evaluate import evaluate
+    from moefy.io import write_json
+
+    result = {**evaluate(m, blocks, progress=True, oracle=oracle), "data": data}
+    typer.echo(render(result))
+    if json_out is not None:
+        write_json(json_out, result, run=run)
+
+
+def run_info_for(record: dict, command: str, folder: Path | None = None, settings: dict | None = None) -> dict:
+    """moefy_run.json content for a JSON output: the model's own record, or (eval, bench) the
+    model folder as the source, with the command's settings."""
+    from moefy.provenance import run_info, weights_hash
+
+    if folder is not None:
+        record = {**record, "source": str(folder), "source_weights": weights_hash(folder),
+                  "settings": settings or {}}
+    return run_info(record, command)
+
+
+def render(r: dict) -> str:
+    d, m = r["dense"], r["moe"]
+    rows = [("", "dense", "moe")]
+    if "ppl" in d:
+        rows.append(("perplexity", f"{d['ppl']:.3f}", f"{m['ppl']:.3f} ({r['ppl_ratio']:.2f}x)"))
+    else:
+        rows.append(("cosine to dense", "1.000", f"{m['cosine_to_dense']:.4f}"))
+    rows += [("FFN MFLOPs/token", f"{d['ffn_flops_per_token'] / 1e6:.1f}", f"{m['ffn_flops_per_token'] / 1e6:.1f}"),
+             ("active FFN share", "100.0%", f"{m['active_ffn_share']:.1%}"),
+             ("active neurons", "100.0%", f"{m['active_neuron_share']:.1%}")]
+    if "oracle" in r:
+        o = r["oracle"]
+        rows += [("oracle routing PPL", "", f"{o['ppl']:.3f} ({o['ppl_ratio']:.2f}x)"),
+                 ("router recall", "", f"{o['router_recall']:.1%}")]
+    w = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = [f"{a:<{w[0]}}  {b:>{w[1]}}  {c:>{w[2]}}" for a, b, c in rows]
+    return "\n".join([f"{r.get('data', '')}: {r['tokens']} tokens", *lines])
+
+
+def setup_logging(verbose: bool):
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
+    if not verbose:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+
+
+def write_plot(plot, data, path: Path, title: str):
+    """The PNG through a temporary file and one rename, like every other output."""
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp.png"
+    try:
+        plot(data, tmp, title=title)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

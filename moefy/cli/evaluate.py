@@ -1,0 +1,192 @@
+"""`moefy eval | bench | sweep | lm-eval-task`: quality and speed against the dense model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from moefy.cli.prune import report_pruned
+from moefy.cli.common import ROUTER_APPROX, ROUTER_CHANNELS, ROUTER_REUSE, ROUTER_THRESHOLD, open_run, report_eval, run_command, run_info_for, setup_logging
+
+def eval_cmd(
+    run: Path = typer.Argument(..., help="A folder written by `moefy convert`."),
+    data: str = typer.Option("wiki-sample:heldout", help="Evaluation text."),
+    tokens: int = typer.Option(8192, help="Evaluation tokens."),
+    seq_len: int = typer.Option(256, help="Tokens per block."),
+    active: Optional[float] = typer.Option(None, help="Override: fixed top-k per layer for this FFN compute share."),
+    top_k: Optional[int] = typer.Option(None, help="Override the saved fixed top-k."),
+    tau: Optional[float] = typer.Option(None, help="Override with dynamic-k at this threshold."),
+    router_channels: Optional[float] = ROUTER_CHANNELS,
+    router_approx: Optional[float] = ROUTER_APPROX,
+    router_reuse: Optional[bool] = ROUTER_REUSE,
+    router_threshold: Optional[bool] = ROUTER_THRESHOLD,
+    oracle: bool = typer.Option(False, help="Also score the same experts with perfect routing."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON here."),
+    overwrite: bool = typer.Option(False, help="Replace an existing --json file."),
+    verbose: bool = typer.Option(False, "-v", "--verbose"),
+):
+    """Held-out perplexity and FFN FLOPs of the dense and the MoE model, side by side."""
+    setup_logging(verbose)
+
+    def body():
+        from moefy.pipeline import data as data_mod
+
+        m = open_run(run, json_out, overwrite, active=active, top_k=top_k, tau=tau, router_channels=router_channels,
+                      router_approx=router_approx, router_reuse=router_reuse,
+                      router_threshold=router_threshold)
+        info = run_info_for(m.record, "eval", run, {"data": data, "tokens": tokens, "seq_len": seq_len, "active": active,
+                                                "top_k": top_k, "tau": tau, "router_channels": router_channels,
+                                                "router_approx": router_approx, "router_reuse": router_reuse,
+                                                "router_threshold": router_threshold, "oracle": oracle})
+        if m.record.get("kind") == "sparse_expansion":  # a `moefy prune` folder: no dense copy inside
+            return report_pruned(m, data_mod.blocks(data, m.tokenizer, seq_len, max_tokens=tokens), data, json_out,
+                                  run=info)
+        report_eval(m, data_mod.blocks(data, m.tokenizer, seq_len, max_tokens=tokens), data, json_out, oracle, run=info)
+
+    run_command(body)
+
+
+def bench(
+    run: Path = typer.Argument(..., help="A folder written by `moefy convert`."),
+    output_json: Optional[Path] = typer.Option(None, "--output-json", help="Write the result as JSON here."),
+    data: str = typer.Option("wiki-sample:heldout", help="Text for the prompt and the captured FFN inputs."),
+    input_len: int = typer.Option(128, help="Prompt tokens for generation and prefill."),
+    output_len: int = typer.Option(128, help="New tokens generated (greedy, KV cache on)."),
+    batch_size: int = typer.Option(1, help="Sequences per generation/prefill call."),
+    num_iters_warmup: int = typer.Option(5, help="Warm-up calls per benchmark."),
+    num_iters: int = typer.Option(20, help="Timed calls per round (FFN benchmarks)."),
+    rounds: int = typer.Option(3, help="Interleaved dense/MoE rounds."),
+    threads: int = typer.Option(1, help="torch threads (batch-1 decode is as fast on 1 as on 2 here)."),
+    prefill_tokens: int = typer.Option(2048, help="Tokens per FFN prefill call (8 x 256)."),
+    prefill_layers: int = typer.Option(4, help="FFN layers in the prefill stack."),
+    active: Optional[float] = typer.Option(None, help="Override: fixed top-k per layer for this FFN share."),
+    router_channels: Optional[float] = ROUTER_CHANNELS,
+    router_approx: Optional[float] = ROUTER_APPROX,
+    router_reuse: Optional[bool] = ROUTER_REUSE,
+    router_threshold: Optional[bool] = ROUTER_THRESHOLD,
+    overwrite: bool = typer.Option(False, help="Replace an existing --output-json file."),
+):
+    """Dense vs MoE wall-clock: FFN stacks (batch 1, prefill), greedy decode tokens/s, prefill, memory."""
+    setup_logging(False)
+
+    def body():
+        import json
+
+        from moefy.eval import bench as bench_mod
+        from moefy.pipeline import data as data_mod
+        from moefy.io import write_json
+
+        m = open_run(run, output_json, overwrite, active=active, router_channels=router_channels,
+                      router_approx=router_approx, router_reuse=router_reuse,
+                      router_threshold=router_threshold)
+        seq = max(input_len, prefill_tokens // 8)
+        blocks = data_mod.blocks(data, m.tokenizer, seq, max_tokens=8 * seq, min_tokens=8 * seq)
+        result = bench_mod.run(m, blocks, input_len=input_len, output_len=output_len, batch_size=batch_size,
+                               warmup=num_iters_warmup, iters=num_iters, rounds=rounds, threads=threads,
+                               prefill_tokens=prefill_tokens, prefill_layers=prefill_layers)
+        typer.echo(json.dumps(result, indent=1))
+        if output_json is not None:
+            write_json(output_json, result, run=run_info_for(m.record, "bench", run, {
+                "data": data, "input_len": input_len, "output_len": output_len, "batch_size": batch_size,
+                "threads": threads, "prefill_tokens": prefill_tokens, "prefill_layers": prefill_layers,
+                "active": active}))
+
+    run_command(body)
+
+
+def lm_eval_task_cmd(
+    data: str = typer.Argument("wiki-sample:heldout", help="Text: wiki-sample, pydoc (with :heldout ...), .txt or .jsonl."),
+    out: Path = typer.Option(..., help="Folder for NAME.yaml and NAME.jsonl (lm_eval --include_path)."),
+    name: Optional[str] = typer.Option(None, help="Task name (default: moefy_ + the data spec)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+):
+    """Write a local lm-evaluation-harness perplexity task over moefy text (no hub needed)."""
+    def body():
+        from moefy.eval.lm_eval_task import write_task
+
+        folder, task = write_task(data, out, name, overwrite)
+        typer.echo(f"wrote {folder}; score a saved folder with:\n  lm_eval --model hf --model_args "
+                   f"pretrained=FOLDER,trust_remote_code=True --include_path {folder} --tasks {task}")
+
+    run_command(body)
+
+
+def sweep(
+    out: Path = typer.Option(..., help="Output folder: sweep.json, sweep.png and sweep.md."),
+    model: str = typer.Option("smollm2-135m", help="Local HF folder, .gguf file, or smollm2-135m."),
+    variant: list[str] = typer.Option(["coactivation:mlp:0.1:384", "coactivation:mlp:0:96",
+                                       "coactivation:similarity:0.1:96"],
+                                      help="method:router:shared:experts; repeat the flag for several."),
+    active: list[float] = typer.Option([0.125, 0.25, 0.375, 0.5, 0.75], help="FFN compute shares; repeat the flag."),
+    oracle: bool = typer.Option(False, help="Also score every point with perfect routing (costs a dense FFN per layer)."),
+    calib: str = typer.Option("wiki-sample", help="Calibration text."),
+    calib_tokens: int = typer.Option(16384, help="Calibration tokens."),
+    eval_data: str = typer.Option("wiki-sample:heldout", help="Held-out text."),
+    eval_tokens: int = typer.Option(8192, help="Held-out tokens."),
+    seq_len: int = typer.Option(256, help="Tokens per block."),
+    router_loss: str = typer.Option("log-norm", help="mlp router target: log-norm, norm or bce."),
+    budget: str = typer.Option("uniform", help="Per-layer top-k: uniform or sensitivity (see convert --help)."),
+    seed: int = typer.Option(0),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+    verbose: bool = typer.Option(False, "-v", "--verbose"),
+):
+    """Quality vs FFN compute for several variants on one model: JSON, a PNG plot and a table."""
+    setup_logging(verbose)
+
+    def body():
+        import shutil
+        import tempfile
+
+        import json
+
+        from moefy.pipeline import data as data_mod
+        from moefy import io
+        from moefy.pipeline import load as models
+        from moefy.eval import sweep as sweep_mod
+        from moefy.config import DataConfig, MoEConfig
+        from moefy.pipeline.calibrate import calibration_record
+        from moefy.provenance import RUN_FILE, run_info, weights_hash
+
+        io.check_target(out, overwrite)
+        variants = [sweep_mod.Variant.parse(v) for v in variant]
+        base = MoEConfig(router_loss=router_loss, seed=seed, budget=budget)
+        data_cfg = DataConfig(source=calib, seq_len=seq_len, tokens=calib_tokens)
+        data_cfg.validate()
+        loaded = models.load(model)
+        heldout = data_mod.blocks(eval_data, loaded.tokenizer, seq_len, max_tokens=eval_tokens)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            def progress(rows):
+                r = rows[-1]
+                if "skipped" in r:
+                    typer.echo(f"{r['variant']} @ {r['active_target']:g}: skipped: {r['skipped']}", err=True)
+                    return
+                typer.echo(f"{r['variant']} @ {r['active_target']:g}: {sweep_mod.quality(r):.3f} "
+                           f"({r['moe']['active_ffn_share']:.1%} active)", err=True)
+
+            rows = sweep_mod.sweep(loaded, variants, active, heldout, base, data_cfg, oracle=oracle, on_row=progress)
+            io.write_json(tmp / "sweep.json", {"model": str(loaded.source), "eval_data": eval_data, "calib": calib,
+                                               "calib_tokens": calib_tokens, "router_loss": router_loss, "seed": seed,
+                                               "budget": budget,
+                                               "versions": io.versions(), "rows": rows})
+            calib_ids = data_mod.blocks(calib, loaded.tokenizer, seq_len, max_tokens=calib_tokens)
+            (tmp / RUN_FILE).write_text(json.dumps(run_info({
+                "source": str(loaded.source), "source_weights": weights_hash(loaded.source, loaded.model),
+                "calibration": calibration_record(data_cfg, calib_ids),
+                "moe": base.to_dict(), "settings": {"variants": variant, "active": active, "oracle": oracle,
+                                                    "eval_data": eval_data, "eval_tokens": eval_tokens}}, "sweep"),
+                indent=1))
+            sweep_mod.plot(rows, tmp / "sweep.png", title=f"{Path(str(loaded.source)).name}, {eval_data}")
+            table = sweep_mod.markdown(rows)
+            (tmp / "sweep.md").write_text(table + "\n")
+            io.replace_path(tmp, out)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        typer.echo(table)
+        typer.echo(f"saved {out}/sweep.json, sweep.png, sweep.md, {RUN_FILE}")
+
+    run_command(body)

@@ -1,0 +1,80 @@
+"""FLOP accounting of an MoE layer, in one place: what a token's selection costs, router and shared
+neurons included (2 FLOPs per multiply-add), and the top-k that fits a budget.
+
+# D hidden, E routed experts, n neurons per expert
+"""
+
+from __future__ import annotations
+
+import math
+
+from .router_sketch import SketchRouter
+
+
+class FlopCount:
+    """The FLOP accounting of MoEFFN (a mixin: it reads the layer's weights, spec and router)."""
+
+    def reset_counters(self):
+        self.tokens_seen = 0
+        self.experts_selected = 0
+        self.sketched_selected = 0  # sketched experts (a sketch router's approx share)
+
+    @property
+    def matrices(self) -> int:
+        return 3 if self.gated else 2
+
+    def dense_flops_per_token(self) -> int:
+        E, n, D = self.w_in.shape
+        return 2 * self.matrices * D * (E * n + self.spec["shared"])
+
+    def flops_per_token(self, mean_k: float, mean_sketched: float | None = None) -> float:
+        """FFN FLOPs for a token that uses `mean_k` experts, router included (multiply-adds x 2),
+        plus `mean_sketched` sketched experts (default approx_k: a sketch router's approx share)."""
+        sketched = self.approx_k if mean_sketched is None else mean_sketched
+        return self._fixed_flops() + mean_k * self._expert_flops() + sketched * self._approx_flops()
+
+    def _fixed_flops(self) -> float:
+        """The router and the shared neurons."""
+        return self.router.flops_per_token() + 2 * self.matrices * self.w_in.shape[2] * self.spec["shared"]
+
+    def _expert_flops(self) -> float:
+        """One exact routed expert (less the sums it reuses from a sketch router)."""
+        E, n, D = self.w_in.shape
+        saved = n * self.router.reused_flops_per_neuron() if isinstance(self.router, SketchRouter) else 0
+        return 2 * self.matrices * D * n - saved
+
+    def _approx_flops(self) -> float:
+        """One sketched expert: its down rows times the sketched activations."""
+        E, n, D = self.w_in.shape
+        return 2 * D * n
+
+    @property
+    def approx_share(self) -> float:
+        return self.router.approx if isinstance(self.router, SketchRouter) else 0.0
+
+    @property
+    def approx_k(self) -> int:
+        """Sketched experts per token (sketch router with an approx share a, fixed top-k): the
+        experts ranked top_k+1 ... top_k+approx_k by the sketch add their sketched activations
+        through their down rows. approx_k spends a / (1 - a) of what the top_k exact experts
+        cost, so a share's budget splits (1 - a) exact, a sketched (top_k_for_share)."""
+        a = self.approx_share
+        if not a or self.top_k is None or self.tau is not None:
+            return 0
+        k_b = math.floor(a / (1 - a) * self.top_k * self._expert_flops() / self._approx_flops() + 1e-9)
+        return max(0, min(k_b, self.spec["num_experts"] - self.top_k))
+
+    def top_k_for_share(self, active: float) -> int:
+        """The largest k whose FFN FLOPs (router and shared neurons included) stay within `active`
+        times the dense FFN's (at most every expert; below 1 when even one does not fit). With a
+        sketch router's approx share a, k takes (1 - a) of the experts' budget (see approx_k)."""
+        budget = (active * self.dense_flops_per_token() - self._fixed_flops()) / self._expert_flops()
+        k = math.floor((1 - self.approx_share) * budget + 1e-9)
+        return min(k, self.spec["num_experts"])
+
+    def mean_k(self) -> float:
+        return self.experts_selected / max(self.tokens_seen, 1)
+
+    def mean_sketched(self) -> float:
+        """Sketched experts per token seen (approx_k before any)."""
+        return self.sketched_selected / self.tokens_seen if self.tokens_seen else float(self.approx_k)

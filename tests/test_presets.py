@@ -109,3 +109,21 @@ def test_convert_with_no_flags_uses_the_default_preset(tmp_path, tokenizer):
     moe = json.loads((out / "moefy.json").read_text())["moe"]
     assert {k: moe[k] for k in presets.get("balanced").moe} == \
         {**presets.get("balanced").moe, "num_experts": moe["num_experts"]}
+
+
+def test_python_api_takes_a_preset(tokenizer):
+    import moefy
+    from moefy.config import DataConfig
+    from conftest import tiny_model
+
+    assert moefy.presets.names() == ["balanced", "quarter", "moefication"]
+    data = DataConfig(source="pydoc", seq_len=32, tokens=2048)
+    m = moefy.convert(tiny_model("llama"), preset="moefication", data=data, tokenizer=tokenizer,
+                      moe=presets.get("moefication").moe_config(router_steps=20, router_hidden=8))
+    assert {layer.spec["expert_size"] for layer in m.layers} == {4}
+    r = moefy.evaluate(m, "pydoc:heldout")  # a text spec, as `moefy eval --data`
+    assert r["moe"]["active_ffn_share"] <= 0.5 and r["tokens"] > 0
+    m = moefy.convert(tiny_model("llama"), preset="balanced", data=data, tokenizer=tokenizer)
+    assert {layer.spec["expert_size"] for layer in m.layers} == {1}
+    assert {layer.spec["router"]["kind"] for layer in m.layers} == {"sketch"}
+    assert m.record["moe"]["refit_down"] == 1.0

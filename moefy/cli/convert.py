@@ -14,48 +14,73 @@ from moefy.errors import ConfigError
 ADV = "Advanced (a preset sets these)"
 
 
+CONVERT_CALIB = typer.Option(None, help="Calibration text: wiki-sample, pydoc, a .txt or .jsonl file, or a mixture with equal shares (wiki-sample+pydoc).")
+CONVERT_PRESET = typer.Option(None, help="Recipe: balanced (the default), quarter, moefication, or a .json preset file; `moefy presets` lists them. Flags below override its settings.")
+CONVERT_EXPERT_SIZE = typer.Option(None, help="Neurons per expert (fits any FFN width; 1 = single-neuron experts).")
+CONVERT_EXPERTS = typer.Option(None, help="Expert slots per FFN instead of --expert-size (shared slots included); must divide the FFN width.", rich_help_panel=ADV)
+CONVERT_ACTIVE = typer.Option(None, help="Target share of FFN compute per token, router counted, in (0, 1].")
+CONVERT_METHOD = typer.Option(None, help="Grouping: random, param-kmeans, coactivation.", rich_help_panel=ADV)
+CONVERT_ROUTER = typer.Option(None, help="Router: mlp, sketch (training-free, reads the experts' own weights), "
+    "similarity, representative.", rich_help_panel=ADV)
+CONVERT_ROUTER_LOSS = typer.Option(None, help="mlp router target: log-norm, norm (D2DMoE) or bce (MoEfication).", rich_help_panel=ADV)
+CONVERT_ROUTER_CHANNELS = typer.Option(None, help="sketch router: share of each token's input channels "
+    "(largest |x|) it reads, in (0, 1] (default: 0.8 x "
+    "the active share, following --active later).", rich_help_panel=ADV)
+CONVERT_ROUTER_REUSE = typer.Option(None, "--router-reuse/--no-router-reuse", help="sketch router: the selected neurons start from the sketch's sums "
+    "and add only the products it left out (fewer FLOPs per neuron; "
+    "with --router-sparsity counted, not yet executed: BENCHMARKS.md).", rich_help_panel=ADV)
+CONVERT_ROUTER_SPARSITY = typer.Option(None, help="sketch router: share of each neuron's gate and up weights the "
+    "sketch leaves out (smallest |w| x calibration ||x||), so it reads "
+    "more channels for the same FLOPs. 0.6 at 25% active, 0.33 at "
+    "50% were best on SmolLM2.", rich_help_panel=ADV)
+CONVERT_ROUTER_APPROX = typer.Option(None, help="sketch router: share of the routed FLOP budget given to "
+    "sketched experts, the ones ranked next, which add their "
+    "sketched activations through their down rows alone, in "
+    "[0, 1) (default: 0.3 with a fixed top-k, 0 with --tau).", rich_help_panel=ADV)
+CONVERT_ROUTER_THRESHOLD = typer.Option(None, "--router-threshold/--router-top-k",
+    help="sketch router: each layer keeps the experts whose score "
+         "reaches a threshold fitted on the calibration text (the "
+         "same mean count as the top-k, more for some tokens, fewer "
+         "for others), or the same top-k for every token (default: "
+         "thresholds with a fixed top-k, top-k with --tau).", rich_help_panel=ADV)
+CONVERT_ROUTER_INPUT = typer.Option(None, help="What each mlp router reads: own (its layer's FFN input) or previous "
+    "(the previous layer's: Pre-gated MoE, experts known a layer ahead).", rich_help_panel=ADV)
+CONVERT_BUDGET = typer.Option(None, help="Per-layer top-k: uniform (same share everywhere) or sensitivity "
+    "(the total split by each layer's measured error curve).", rich_help_panel=ADV)
+CONVERT_SHARED = typer.Option(None, help="Share of expert slots given to always-on shared neurons (CMoE).", rich_help_panel=ADV)
+CONVERT_REFIT_DOWN = typer.Option(None, help="Refit each layer's down rows after the routers (ridge "
+    "regression on the calibration text, layer by layer on "
+    "the sparse model's inputs) with this ridge strength, "
+    "e.g. 1.0: training-free, helps at low active shares.", rich_help_panel=ADV)
+CONVERT_LAYERWISE = typer.Option(False, "--layerwise/--all-at-once",
+    help="Calibrate and build one decoder block at a time (big models; resumable).")
+CONVERT_PROPAGATE = typer.Option("dense", help="--layerwise: what the next block sees: dense (the original "
+    "block's outputs) or moe (the outputs of the block with its MoE FFN).", rich_help_panel=ADV)
+CONVERT_DTYPE = typer.Option("fp32", help="--layerwise: fp32, bf16 or fp16 (blocks run and are saved in it).", rich_help_panel=ADV)
+CONVERT_OFFLOAD = typer.Option(False, help="--layerwise: keep hidden states between blocks on disk, not in RAM.", rich_help_panel=ADV)
+
+
 def convert(
     model: str = typer.Option("smollm2-135m", help="Local HF folder, .gguf file, or smollm2-135m."),
-    calib: Optional[str] = typer.Option(None, help="Calibration text: wiki-sample, pydoc, a .txt or .jsonl file, or a mixture with equal shares (wiki-sample+pydoc)."),
+    calib: Optional[str] = CONVERT_CALIB,
     out: Path = typer.Option(Path("runs/smol-moe"), help="Output folder."),
-    preset: Optional[str] = typer.Option(None, help="Recipe: balanced (the default), quarter, moefication, or a .json preset file; `moefy presets` lists them. Flags below override its settings."),
-    expert_size: Optional[int] = typer.Option(None, help="Neurons per expert (fits any FFN width; 1 = single-neuron experts)."),
-    experts: Optional[int] = typer.Option(None, help="Expert slots per FFN instead of --expert-size (shared slots included); must divide the FFN width.", rich_help_panel=ADV),
-    active: Optional[float] = typer.Option(None, help="Target share of FFN compute per token, router counted, in (0, 1]."),
+    preset: Optional[str] = CONVERT_PRESET,
+    expert_size: Optional[int] = CONVERT_EXPERT_SIZE,
+    experts: Optional[int] = CONVERT_EXPERTS,
+    active: Optional[float] = CONVERT_ACTIVE,
     tau: Optional[float] = typer.Option(None, help="Dynamic-k threshold in [0, 1) instead of a fixed top-k."),
-    method: Optional[str] = typer.Option(None, help="Grouping: random, param-kmeans, coactivation.", rich_help_panel=ADV),
-    router: Optional[str] = typer.Option(None, help="Router: mlp, sketch (training-free, reads the experts' own weights), "
-                                            "similarity, representative.", rich_help_panel=ADV),
-    router_loss: Optional[str] = typer.Option(None, help="mlp router target: log-norm, norm (D2DMoE) or bce (MoEfication).", rich_help_panel=ADV),
-    router_channels: Optional[float] = typer.Option(None, help="sketch router: share of each token's input channels "
-                                                               "(largest |x|) it reads, in (0, 1] (default: 0.8 x "
-                                                               "the active share, following --active later).", rich_help_panel=ADV),
-    router_reuse: Optional[bool] = typer.Option(None, "--router-reuse/--no-router-reuse", help="sketch router: the selected neurons start from the sketch's sums "
-                                                 "and add only the products it left out (fewer FLOPs per neuron; "
-                                                 "with --router-sparsity counted, not yet executed: BENCHMARKS.md).", rich_help_panel=ADV),
-    router_sparsity: Optional[float] = typer.Option(None, help="sketch router: share of each neuron's gate and up weights the "
-                                                    "sketch leaves out (smallest |w| x calibration ||x||), so it reads "
-                                                    "more channels for the same FLOPs. 0.6 at 25% active, 0.33 at "
-                                                    "50% were best on SmolLM2.", rich_help_panel=ADV),
-    router_approx: Optional[float] = typer.Option(None, help="sketch router: share of the routed FLOP budget given to "
-                                                             "sketched experts, the ones ranked next, which add their "
-                                                             "sketched activations through their down rows alone, in "
-                                                             "[0, 1) (default: 0.3 with a fixed top-k, 0 with --tau).", rich_help_panel=ADV),
-    router_threshold: Optional[bool] = typer.Option(None, "--router-threshold/--router-top-k",
-                                                    help="sketch router: each layer keeps the experts whose score "
-                                                         "reaches a threshold fitted on the calibration text (the "
-                                                         "same mean count as the top-k, more for some tokens, fewer "
-                                                         "for others), or the same top-k for every token (default: "
-                                                         "thresholds with a fixed top-k, top-k with --tau).", rich_help_panel=ADV),
-    router_input: Optional[str] = typer.Option(None, help="What each mlp router reads: own (its layer's FFN input) or previous "
-                                                 "(the previous layer's: Pre-gated MoE, experts known a layer ahead).", rich_help_panel=ADV),
-    budget: Optional[str] = typer.Option(None, help="Per-layer top-k: uniform (same share everywhere) or sensitivity "
-                                                "(the total split by each layer's measured error curve).", rich_help_panel=ADV),
-    shared: Optional[float] = typer.Option(None, help="Share of expert slots given to always-on shared neurons (CMoE).", rich_help_panel=ADV),
-    refit_down: Optional[float] = typer.Option(None, help="Refit each layer's down rows after the routers (ridge "
-                                                          "regression on the calibration text, layer by layer on "
-                                                          "the sparse model's inputs) with this ridge strength, "
-                                                          "e.g. 1.0: training-free, helps at low active shares.", rich_help_panel=ADV),
+    method: Optional[str] = CONVERT_METHOD,
+    router: Optional[str] = CONVERT_ROUTER,
+    router_loss: Optional[str] = CONVERT_ROUTER_LOSS,
+    router_channels: Optional[float] = CONVERT_ROUTER_CHANNELS,
+    router_reuse: Optional[bool] = CONVERT_ROUTER_REUSE,
+    router_sparsity: Optional[float] = CONVERT_ROUTER_SPARSITY,
+    router_approx: Optional[float] = CONVERT_ROUTER_APPROX,
+    router_threshold: Optional[bool] = CONVERT_ROUTER_THRESHOLD,
+    router_input: Optional[str] = CONVERT_ROUTER_INPUT,
+    budget: Optional[str] = CONVERT_BUDGET,
+    shared: Optional[float] = CONVERT_SHARED,
+    refit_down: Optional[float] = CONVERT_REFIT_DOWN,
     calib_tokens: Optional[int] = typer.Option(None, help="Calibration tokens."),
     seq_len: Optional[int] = typer.Option(None, help="Tokens per block.", rich_help_panel=ADV),
     seed: Optional[int] = typer.Option(None, help="Seeds grouping and router training.", rich_help_panel=ADV),
@@ -64,13 +89,11 @@ def convert(
     eval_tokens: int = typer.Option(8192, help="Held-out tokens for --eval."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the evaluation as JSON here."),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
-    layerwise: bool = typer.Option(False, "--layerwise/--all-at-once",
-                                   help="Calibrate and build one decoder block at a time (big models; resumable)."),
-    propagate: str = typer.Option("dense", help="--layerwise: what the next block sees: dense (the original "
-                                                "block's outputs) or moe (the outputs of the block with its MoE FFN).", rich_help_panel=ADV),
+    layerwise: bool = CONVERT_LAYERWISE,
+    propagate: str = CONVERT_PROPAGATE,
     device: str = typer.Option("cpu", help="--layerwise: where blocks run: cpu or cuda.", rich_help_panel=ADV),
-    dtype: str = typer.Option("fp32", help="--layerwise: fp32, bf16 or fp16 (blocks run and are saved in it).", rich_help_panel=ADV),
-    offload: bool = typer.Option(False, help="--layerwise: keep hidden states between blocks on disk, not in RAM.", rich_help_panel=ADV),
+    dtype: str = CONVERT_DTYPE,
+    offload: bool = CONVERT_OFFLOAD,
     resume: bool = typer.Option(False, help="--layerwise: continue an interrupted conversion from <out>.partial/."),
     verbose: bool = typer.Option(False, "-v", "--verbose"),
 ):

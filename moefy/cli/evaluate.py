@@ -113,14 +113,18 @@ def lm_eval_task_cmd(
     run_command(body)
 
 
+SWEEP_VARIANT = typer.Option(["coactivation:mlp:0.1:384", "coactivation:mlp:0:96",
+     "coactivation:similarity:0.1:96"],
+    help="method:router:shared:experts; repeat the flag for several.")
+SWEEP_ORACLE = typer.Option(False, help="Also score every point with perfect routing (costs a dense FFN per layer).")
+
+
 def sweep(
     out: Path = typer.Option(..., help="Output folder: sweep.json, sweep.png and sweep.md."),
     model: str = typer.Option("smollm2-135m", help="Local HF folder, .gguf file, or smollm2-135m."),
-    variant: list[str] = typer.Option(["coactivation:mlp:0.1:384", "coactivation:mlp:0:96",
-                                       "coactivation:similarity:0.1:96"],
-                                      help="method:router:shared:experts; repeat the flag for several."),
+    variant: list[str] = SWEEP_VARIANT,
     active: list[float] = typer.Option([0.125, 0.25, 0.375, 0.5, 0.75], help="FFN compute shares; repeat the flag."),
-    oracle: bool = typer.Option(False, help="Also score every point with perfect routing (costs a dense FFN per layer)."),
+    oracle: bool = SWEEP_ORACLE,
     calib: str = typer.Option("wiki-sample", help="Calibration text."),
     calib_tokens: int = typer.Option(16384, help="Calibration tokens."),
     eval_data: str = typer.Option("wiki-sample:heldout", help="Held-out text."),
@@ -136,18 +140,11 @@ def sweep(
     setup_logging(verbose)
 
     def body():
-        import shutil
-        import tempfile
-
-        import json
-
-        from moefy.pipeline import data as data_mod
         from moefy import io
-        from moefy.pipeline import load as models
-        from moefy.eval import sweep as sweep_mod
         from moefy.config import DataConfig, MoEConfig
-        from moefy.pipeline.calibrate import calibration_record
-        from moefy.provenance import RUN_FILE, run_info, weights_hash
+        from moefy.eval import sweep as sweep_mod
+        from moefy.pipeline import data as data_mod
+        from moefy.pipeline import load as models
 
         io.check_target(out, overwrite)
         variants = [sweep_mod.Variant.parse(v) for v in variant]
@@ -156,37 +153,46 @@ def sweep(
         data_cfg.validate()
         loaded = models.load(model)
         heldout = data_mod.blocks(eval_data, loaded.tokenizer, seq_len, max_tokens=eval_tokens)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
-            def progress(rows):
-                r = rows[-1]
-                if "skipped" in r:
-                    typer.echo(f"{r['variant']} @ {r['active_target']:g}: skipped: {r['skipped']}", err=True)
-                    return
-                typer.echo(f"{r['variant']} @ {r['active_target']:g}: {sweep_mod.quality(r):.3f} "
-                           f"({r['moe']['active_ffn_share']:.1%} active)", err=True)
-
-            rows = sweep_mod.sweep(loaded, variants, active, heldout, base, data_cfg, oracle=oracle, on_row=progress)
-            io.write_json(tmp / "sweep.json", {"model": str(loaded.source), "eval_data": eval_data, "calib": calib,
-                                               "calib_tokens": calib_tokens, "router_loss": router_loss, "seed": seed,
-                                               "budget": budget,
-                                               "versions": io.versions(), "rows": rows})
-            calib_ids = data_mod.blocks(calib, loaded.tokenizer, seq_len, max_tokens=calib_tokens)
-            (tmp / RUN_FILE).write_text(json.dumps(run_info({
-                "source": str(loaded.source), "source_weights": weights_hash(loaded.source, loaded.model),
-                "calibration": calibration_record(data_cfg, calib_ids),
-                "moe": base.to_dict(), "settings": {"variants": variant, "active": active, "oracle": oracle,
-                                                    "eval_data": eval_data, "eval_tokens": eval_tokens}}, "sweep"),
-                indent=1))
-            sweep_mod.plot(rows, tmp / "sweep.png", title=f"{Path(str(loaded.source)).name}, {eval_data}")
-            table = sweep_mod.markdown(rows)
-            (tmp / "sweep.md").write_text(table + "\n")
-            io.replace_path(tmp, out)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-        typer.echo(table)
-        typer.echo(f"saved {out}/sweep.json, sweep.png, sweep.md, {RUN_FILE}")
+        rows = sweep_mod.sweep(loaded, variants, active, heldout, base, data_cfg, oracle=oracle, on_row=_sweep_row)
+        header = {"model": str(loaded.source), "eval_data": eval_data, "calib": calib, "calib_tokens": calib_tokens,
+                  "router_loss": router_loss, "seed": seed, "budget": budget}
+        settings = {"variants": variant, "active": active, "oracle": oracle, "eval_data": eval_data,
+                    "eval_tokens": eval_tokens}
+        typer.echo(_write_sweep(out, overwrite, loaded, rows, base, data_cfg, header, settings))
+        typer.echo(f"saved {out}/sweep.json, sweep.png, sweep.md, moefy_run.json")
 
     run_command(body)
+
+
+def _sweep_row(rows):
+    r = rows[-1]
+    if "skipped" in r:
+        typer.echo(f"{r['variant']} @ {r['active_target']:g}: skipped: {r['skipped']}", err=True)
+        return
+    from moefy.eval.sweep import quality
+
+    typer.echo(f"{r['variant']} @ {r['active_target']:g}: {quality(r):.3f} "
+               f"({r['moe']['active_ffn_share']:.1%} active)", err=True)
+
+
+def _write_sweep(out, overwrite, loaded, rows, base, data_cfg, header: dict, settings: dict) -> str:
+    """sweep.json, moefy_run.json, sweep.png and sweep.md, written together (atomically); the table."""
+    import json
+
+    from moefy import io
+    from moefy.eval import sweep as sweep_mod
+    from moefy.pipeline import data as data_mod
+    from moefy.pipeline.calibrate import calibration_record
+    from moefy.provenance import RUN_FILE, run_info, weights_hash
+
+    calib_ids = data_mod.blocks(data_cfg.source, loaded.tokenizer, data_cfg.seq_len, max_tokens=data_cfg.tokens)
+    with io.staging(out, overwrite, 0) as tmp:
+        io.write_json(tmp / "sweep.json", {**header, "versions": io.versions(), "rows": rows})
+        (tmp / RUN_FILE).write_text(json.dumps(run_info({
+            "source": str(loaded.source), "source_weights": weights_hash(loaded.source, loaded.model),
+            "calibration": calibration_record(data_cfg, calib_ids), "moe": base.to_dict(), "settings": settings},
+            "sweep"), indent=1))
+        sweep_mod.plot(rows, tmp / "sweep.png", title=f"{Path(str(loaded.source)).name}, {header['eval_data']}")
+        table = sweep_mod.markdown(rows)
+        (tmp / "sweep.md").write_text(table + "\n")
+    return table

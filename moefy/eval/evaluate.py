@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from moefy.model import MoEModel
+from moefy.pipeline import data as data_mod
 
 
 @torch.no_grad()
@@ -58,12 +59,16 @@ def dense_reference(m: MoEModel, blocks: torch.Tensor, batch_size: int = 8, prog
                 else hidden_states(model, blocks, batch_size))
 
 
-def evaluate(m: MoEModel, blocks: torch.Tensor, batch_size: int = 8, progress: bool = False,
+def evaluate(m: MoEModel, blocks: torch.Tensor | str, batch_size: int = 8, progress: bool = False,
              oracle: bool = False, reference=None) -> dict:
     """Dense vs MoE on the same blocks: perplexity (causal LMs) or agreement of the final hidden
     states (encoders), and FFN FLOPs per token with the router counted. With `oracle`, also the
     same experts and k under perfect routing, and the router's recall of the oracle's choice.
-    `reference`: dense_reference() of the same base model on the same blocks, to skip the dense run."""
+    `blocks`: token blocks [B, L], or a text spec (data.py; 8,192 tokens in blocks of 256, as
+    `moefy eval`). `reference`: dense_reference() of the same base model on the same blocks, to
+    skip the dense run."""
+    if isinstance(blocks, str):
+        blocks = data_mod.blocks(blocks, m.tokenizer, 256, max_tokens=8192)
     for layer in m.layers:
         layer.reset_counters()
     causal = m.family.causal

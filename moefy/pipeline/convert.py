@@ -4,7 +4,7 @@ profile activations -> group neurons into experts -> build routers -> swap FFN f
 
 from __future__ import annotations
 
-from moefy import provenance
+from moefy import presets, provenance
 from moefy.config import DataConfig, MoEConfig
 from moefy.errors import ConfigError
 from moefy.model import MoEModel
@@ -14,14 +14,18 @@ from moefy.pipeline.calibrate import calibrate
 from moefy.pipeline.layerwise import convert_layers
 
 
-def convert(model, calib: str = "wiki-sample", moe: MoEConfig = MoEConfig(),
-            data: DataConfig | None = None, *, tokenizer=None, progress: bool = False,
+def convert(model, calib: str | None = None, moe: MoEConfig | None = None,
+            data: DataConfig | None = None, *, preset: str | None = None, tokenizer=None, progress: bool = False,
             layerwise=None) -> MoEModel:
     """Turn a dense model (a name/path for models.load, a models.LoadedModel, or a transformers
     model with its tokenizer) into an MoE model, using calibration text `calib`.
+    The settings: `moe` and `data` where given, else those of the preset (presets.py; None: the
+    recommended one), with `calib` as its calibration text when given.
     layerwise (a layerwise.LayerwiseConfig): calibrate and build one block at a time instead of
     profiling the whole model first (same result with propagate="dense"; see layerwise.py)."""
-    data = data or DataConfig(source=calib)
+    recipe = presets.get(preset)
+    moe = moe or recipe.moe_config()
+    data = data or recipe.data_config(source=calib)
     if isinstance(model, str):
         model = models.load(model)
     if isinstance(model, models.LoadedModel):

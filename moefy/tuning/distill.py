@@ -197,6 +197,38 @@ def tune(m: MoEModel, cfg: TuneConfig = TuneConfig(), checkpoint: str | os.PathL
     seconds, loss at start and end). With `checkpoint`, state is saved there every
     cfg.checkpoint_minutes and at the end; `resume` continues from it (the fingerprint must match).
     `on_step(step, loss)` is called after every step (tests use it to interrupt a run)."""
+    cfg = _checked(m, cfg)
+    blocks = data_mod.blocks(cfg.data, m.tokenizer, cfg.seq_len, min_tokens=cfg.seq_len * cfg.batch_size)
+    fp = fingerprint(m, cfg, blocks)
+    teacher = _teacher(m)
+    params, opt = _optimizer(m, cfg)
+    state = {"step": 0, "tokens": 0, "seconds": 0.0, "losses": [], "router_losses": [], "hidden_losses": []}
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    if resume:
+        if ckpt is None or not (ckpt / "state.json").is_file():
+            raise ConfigError(f"nothing to resume: no checkpoint in {ckpt}")
+        _restore(ckpt, fp, params, opt, state)
+        log.info("resumed at step %d (%d tokens, %.0f s)", state["step"], state["tokens"], state["seconds"])
+    fit = _RouterFit(m.layers) if cfg.routers else None
+    m.model.train(False)  # no dropout: the student must match inference
+    try:
+        _loop(m, teacher, blocks, cfg, opt, fit, state, progress, on_step,
+              save=None if ckpt is None else lambda: _save(ckpt, fp, cfg, params, opt, state))
+    finally:
+        if fit is not None:
+            fit.remove()
+        m.model.requires_grad_(False)
+        for layer in m.layers:
+            layer.reset_counters()
+    if ckpt is not None:
+        _save(ckpt, fp, cfg, params, opt, state)
+    refit = _refit_score_quantiles(m, blocks)
+    m.record["tuning"] = _record(cfg, state, params, fp, refit)
+    return m.record["tuning"]
+
+
+def _checked(m: MoEModel, cfg: TuneConfig) -> TuneConfig:
+    """The settings checked against the model, with routers and precision resolved."""
     cfg.validate()
     if m.record.get("kind") == "sparse_expansion":
         raise ConfigError("recovery tuning works on `moefy convert` models, not on pruned folders")
@@ -210,9 +242,12 @@ def tune(m: MoEModel, cfg: TuneConfig = TuneConfig(), checkpoint: str | os.PathL
     if cfg.routers and kinds != {"mlp"}:
         raise ConfigError(f"refitting routers while tuning needs trained mlp routers; this model has "
                           f"{', '.join(sorted(kinds))} (convert with --router mlp, or tune without --routers)")
-    blocks = data_mod.blocks(cfg.data, m.tokenizer, cfg.seq_len, min_tokens=cfg.seq_len * cfg.batch_size)
-    fp = fingerprint(m, cfg, blocks)
-    teacher = _teacher(m)
+    return cfg
+
+
+def _optimizer(m: MoEModel, cfg: TuneConfig):
+    """(the trained parameters by name, AdamW with one group each for the FFNs, the other trained
+    parameters and the routers, each with its peak learning rate)."""
     params = trainable_parameters(m, cfg.train)
     router_ids = {id(p) for layer in m.layers for p in layer.router.parameters()} if cfg.routers else set()
     routers = {name: p for name, p in m.model.named_parameters() if id(p) in router_ids}
@@ -227,18 +262,13 @@ def tune(m: MoEModel, cfg: TuneConfig = TuneConfig(), checkpoint: str | os.PathL
         groups.append({"params": others, "lr": other_lr, "peak_lr": other_lr})
     if routers:
         groups.append({"params": list(routers.values()), "lr": cfg.router_lr, "peak_lr": cfg.router_lr})
-    opt = torch.optim.AdamW(groups, weight_decay=0.0)
-    params = {**params, **routers}
-    state = {"step": 0, "tokens": 0, "seconds": 0.0, "losses": [], "router_losses": [], "hidden_losses": []}
-    ckpt = Path(checkpoint) if checkpoint is not None else None
-    if resume:
-        if ckpt is None or not (ckpt / "state.json").is_file():
-            raise ConfigError(f"nothing to resume: no checkpoint in {ckpt}")
-        _restore(ckpt, fp, params, opt, state)
-        log.info("resumed at step %d (%d tokens, %.0f s)", state["step"], state["tokens"], state["seconds"])
-    fit = _RouterFit(m.layers) if cfg.routers else None
+    return {**params, **routers}, torch.optim.AdamW(groups, weight_decay=0.0)
 
-    m.model.train(False)  # no dropout: the student must match inference
+
+def _loop(m, teacher, blocks, cfg: TuneConfig, opt, fit, state: dict, progress: bool, on_step, save):
+    """Steps until the budget is used: cosine schedule after a linear warm-up; `save` (a
+    checkpoint) every cfg.checkpoint_minutes."""
+    device = next(m.model.parameters()).device
     bar = tqdm(total=100, desc="recovery tuning", unit="%", disable=None if progress else True)
     start, last_ckpt = time.monotonic() - state["seconds"], time.monotonic()
     try:
@@ -249,14 +279,7 @@ def tune(m: MoEModel, cfg: TuneConfig = TuneConfig(), checkpoint: str | os.PathL
                 g["lr"] = g["peak_lr"] * factor
             with _autocast(cfg.precision, device):
                 loss, router_loss, hidden = _step(m.model, teacher, batch, opt, fit, cfg.hidden_loss)
-            state["step"] += 1
-            state["tokens"] += batch.numel()
-            state["seconds"] = time.monotonic() - start
-            state["losses"].append(loss)
-            if router_loss is not None:
-                state["router_losses"].append(router_loss)
-            if hidden is not None:
-                state["hidden_losses"].append(hidden)
+            _account(state, batch, start, loss, router_loss, hidden)
             bar.n = round(100 * cfg.budget_used(state["seconds"], state["tokens"]))
             bar.set_postfix(loss=f"{loss:.4f}", step=state["step"])
             log.info("step %d: KL %.4f%s%s, lr %.2e, %d tokens, %.0f s", state["step"], loss,
@@ -265,19 +288,25 @@ def tune(m: MoEModel, cfg: TuneConfig = TuneConfig(), checkpoint: str | os.PathL
                      state["tokens"], state["seconds"])
             if on_step is not None:
                 on_step(state["step"], loss)
-            if ckpt is not None and time.monotonic() - last_ckpt > 60 * cfg.checkpoint_minutes:
-                _save(ckpt, fp, cfg, params, opt, state)
+            if save is not None and time.monotonic() - last_ckpt > 60 * cfg.checkpoint_minutes:
+                save()
                 last_ckpt = time.monotonic()
     finally:
         bar.close()
-        if fit is not None:
-            fit.remove()
-        m.model.requires_grad_(False)
-        for layer in m.layers:
-            layer.reset_counters()
-    if ckpt is not None:
-        _save(ckpt, fp, cfg, params, opt, state)
-    refit = _refit_score_quantiles(m, blocks)
+
+
+def _account(state: dict, batch, start: float, loss, router_loss, hidden):
+    state["step"] += 1
+    state["tokens"] += batch.numel()
+    state["seconds"] = time.monotonic() - start
+    state["losses"].append(loss)
+    if router_loss is not None:
+        state["router_losses"].append(router_loss)
+    if hidden is not None:
+        state["hidden_losses"].append(hidden)
+
+
+def _record(cfg: TuneConfig, state: dict, params: dict, fp: str, refit: int) -> dict:
     head, tail = _ends(state["losses"])
     record = {**asdict(cfg), "steps": state["step"], "tokens_seen": state["tokens"], "seconds": round(state["seconds"], 1),
               "trainable_parameters": sum(p.numel() for p in params.values()), "fingerprint": fp,
@@ -288,7 +317,6 @@ def tune(m: MoEModel, cfg: TuneConfig = TuneConfig(), checkpoint: str | os.PathL
         record["hidden_first_10_steps"], record["hidden_last_10_steps"] = _ends(state["hidden_losses"])
     if cfg.routers:
         record["router_loss_first_10_steps"], record["router_loss_last_10_steps"] = _ends(state["router_losses"])
-    m.record["tuning"] = record
     return record
 
 

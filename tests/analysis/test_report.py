@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from moefy.analysis import consistency, specialisation
 from moefy.cli import app
 
-RESULTS = Path(__file__).parent.parent / "benchmarks" / "results"
+RESULTS = Path(__file__).parents[2] / "benchmarks" / "results"
 FAST = ["--data", "pydoc:heldout", "--data", "pydoc:calib", "--tokens", "512", "--seq-len", "64", "--m", "4",
         "--m", "16", "--eval-tokens", "256", "--active", "0.5", "--active", "1.0"]
 

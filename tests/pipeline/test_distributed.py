@@ -65,7 +65,7 @@ def test_torchrun_convert_equals_one_process(tmp_path, tokenizer):
             "--active", "0.6", "--router", "mlp", "--calib-tokens", "2048", "--seq-len", "32"]
     r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "one")])
     assert r.exit_code == 0, r.output
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           "-m", "moefy", *args, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True,
                          timeout=600)

@@ -165,7 +165,8 @@ class MoEModel:
         hooks = [layer.register_forward_pre_hook(lambda _m, a: captured.append(a[0].reshape(-1, a[0].shape[-1])))
                  for layer in self.layers]
         try:
-            self.model(input_ids=blocks)
+            with self.sparse_only():
+                self.model(input_ids=blocks)
         finally:
             for h in hooks:
                 h.remove()
@@ -176,6 +177,19 @@ class MoEModel:
         """Every expert active: the model computes exactly the dense model."""
         with self._switch("all_experts"):
             yield self
+
+    @contextlib.contextmanager
+    def sparse_only(self):
+        """Every token through the sparse per-token computation, prompts included (no dense prompt
+        path): how perplexity is scored and routes are studied, as decode runs."""
+        with self._switch("sparse_only"):
+            yield self
+
+    def set_dense_prompt_from(self, tokens: int | None):
+        """Calls of at least `tokens` tokens (a prompt) take the dense FFN, where it is faster;
+        None: every call sparse."""
+        for layer in self.layers:
+            layer.set_dense_prompt_from(tokens)
 
     @contextlib.contextmanager
     def oracle(self):

@@ -34,13 +34,15 @@ ROUTER_REUSE = typer.Option(None, "--router-reuse/--no-router-reuse",
                                  "FLOPs, so the top-k a share allows, change; applied before --active).")
 
 
+DENSE_PROMPT_FROM = typer.Option(None, help="Calls of at least this many tokens (a prompt) take the dense FFN, "
+                                               "where it is faster; 0: never (default: the model's own setting).")
 ROUTER_THRESHOLD = typer.Option(None, "--router-threshold/--router-top-k",
                                 help="Override how a sketch router selects: by its score thresholds (a model "
                                      "converted with them) or a fixed top-k.")
 
 
 def open_run(run, json_out, overwrite, active=None, top_k=None, tau=None, router_channels=None, router_approx=None,
-              router_reuse=None, router_threshold=None):
+              router_reuse=None, router_threshold=None, dense_prompt_from=None):
     """Check the JSON target first (nothing is overwritten by surprise), load, apply overrides."""
     from moefy import load
     from moefy.io import check_target
@@ -60,6 +62,8 @@ def open_run(run, json_out, overwrite, active=None, top_k=None, tau=None, router
         m.set_active(active)
     if top_k is not None or tau is not None:
         m.set_routing(top_k=top_k, tau=tau)
+    if dense_prompt_from is not None:  # 0: never
+        m.set_dense_prompt_from(dense_prompt_from or None)
     return m
 
 
@@ -91,8 +95,14 @@ def render(r: dict) -> str:
         rows.append(("perplexity", f"{d['ppl']:.3f}", f"{m['ppl']:.3f} ({r['ppl_ratio']:.2f}x)"))
     else:
         rows.append(("cosine to dense", "1.000", f"{m['cosine_to_dense']:.4f}"))
-    rows += [("FFN MFLOPs/token", f"{d['ffn_flops_per_token'] / 1e6:.1f}", f"{m['ffn_flops_per_token'] / 1e6:.1f}"),
-             ("active FFN share", "100.0%", f"{m['active_ffn_share']:.1%}"),
+    x = m.get("executed")
+    if x is not None:  # what the decode path executes, router included
+        rows += [("FFN MB read/token", f"{x['dense_bytes_per_token'] / 1e6:.1f}",
+                  f"{x['decode_bytes_per_token'] / 1e6:.1f} ({x['executed_bytes_share']:.1%})"),
+                 ("  of which router", "", f"{x['router_bytes_per_token'] / 1e6:.1f} ({x['router_bytes_share']:.1%})"),
+                 ("FFN MFLOPs/token", f"{d['ffn_flops_per_token'] / 1e6:.1f}",
+                  f"{x['decode_flops_per_token'] / 1e6:.1f} ({x['executed_flops_share']:.1%})")]
+    rows += [("counted FLOP share (old)", "100.0%", f"{m['active_ffn_share']:.1%}"),
              ("active neurons", "100.0%", f"{m['active_neuron_share']:.1%}")]
     if "oracle" in r:
         o = r["oracle"]
@@ -100,7 +110,8 @@ def render(r: dict) -> str:
                  ("router recall", "", f"{o['router_recall']:.1%}")]
     w = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = [f"{a:<{w[0]}}  {b:>{w[1]}}  {c:>{w[2]}}" for a, b, c in rows]
-    return "\n".join([f"{r.get('data', '')}: {r['tokens']} tokens", *lines])
+    note = [f"({r['scoring']})"] if "scoring" in r else []
+    return "\n".join([f"{r.get('data', '')}: {r['tokens']} tokens", *lines, *note])
 
 
 def setup_logging(verbose: bool):

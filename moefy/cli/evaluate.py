@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from moefy.cli.prune import report_pruned
-from moefy.cli.common import ROUTER_APPROX, ROUTER_CHANNELS, ROUTER_REUSE, ROUTER_THRESHOLD, open_run, report_eval, run_command, run_info_for, setup_logging
+from moefy.cli.common import DENSE_PROMPT_FROM, ROUTER_APPROX, ROUTER_CHANNELS, ROUTER_REUSE, ROUTER_THRESHOLD, open_run, report_eval, run_command, run_info_for, setup_logging
 
 def eval_cmd(
     run: Path = typer.Argument(..., help="A folder written by `moefy convert`."),
@@ -59,6 +59,7 @@ def bench(
     num_iters: int = typer.Option(20, help="Timed calls per round (FFN benchmarks)."),
     rounds: int = typer.Option(3, help="Interleaved dense/MoE rounds."),
     threads: int = typer.Option(1, help="torch threads (batch-1 decode is as fast on 1 as on 2 here)."),
+    dense_prompt_from: Optional[int] = DENSE_PROMPT_FROM,
     prefill_tokens: int = typer.Option(2048, help="Tokens per FFN prefill call (8 x 256)."),
     prefill_layers: int = typer.Option(4, help="FFN layers in the prefill stack."),
     active: Optional[float] = typer.Option(None, help="Override: fixed top-k per layer for this FFN share."),
@@ -78,7 +79,8 @@ def bench(
         from moefy.pipeline import data as data_mod
         from moefy.io import write_json
 
-        m = open_run(run, output_json, overwrite, active=active, router_channels=router_channels,
+        m = open_run(run, output_json, overwrite, active=active, dense_prompt_from=dense_prompt_from,
+                     router_channels=router_channels,
                       router_approx=router_approx, router_reuse=router_reuse,
                       router_threshold=router_threshold)
         seq = max(input_len, prefill_tokens // 8)

@@ -27,7 +27,7 @@ from torch import nn
 
 from moefy.model import MoEModel
 from moefy.errors import MoefyError
-from moefy.eval.evaluate import compute
+from moefy.eval.evaluate import EXECUTED_KEYS, compute
 from moefy.modeling.activations import ACTIVATIONS
 from moefy.modeling.moe_layer import MoEFFN
 
@@ -150,25 +150,40 @@ def bench_ffn(m: MoEModel, inputs, tokens: int, layers: int | None, **timing) ->
 
 @torch.no_grad()
 def bench_model(m: MoEModel, dense_model, prompt: torch.Tensor, output_len: int, warmup: int, iters: int) -> dict:
-    """Greedy generation with the KV cache (tokens/s after the prompt) and prefill latency."""
+    """Greedy generation with the KV cache under plain HF `generate`, and prefill latency. The
+    decode speedup is per new token, the prompt excluded: each round's generate time less the
+    median prefill time of its side, dense over MoE (the median of the rounds' ratios)."""
     def generate(model):
         return lambda: model.generate(prompt, max_new_tokens=output_len, min_new_tokens=output_len,
                                       do_sample=False, use_cache=True, pad_token_id=0)
 
+    w = dict(warmup=warmup, rounds=iters, iters=1)
+    gen = compare(generate(dense_model), generate(m.model), **w)
+    pre = bench_prefill(m, dense_model, prompt, warmup=max(1, warmup), rounds=iters)
+    new = output_len * prompt.shape[0]
+    p_dense, p_moe = statistics.median(pre.dense), statistics.median(pre.moe)
+    dense_step = [max(g - p_dense, 1e-9) / new for g in gen.dense]
+    moe_step = [max(g - p_moe, 1e-9) / new for g in gen.moe]
+    decode = {"dense_tok_s": statistics.median(1 / t for t in dense_step),
+              "moe_tok_s": statistics.median(1 / t for t in moe_step),
+              "dense_ms_per_token": statistics.median(dense_step) * 1e3,
+              "moe_ms_per_token": statistics.median(moe_step) * 1e3,
+              "speedup": statistics.median(d / m_ for d, m_ in zip(dense_step, moe_step)),
+              "speedup_with_prompt": statistics.median(d / m_ for d, m_ in zip(gen.dense, gen.moe)),
+              "input_len": prompt.shape[1], "output_len": output_len, "batch_size": prompt.shape[0]}
+    return {"decode": decode, "prefill": _prefill_summary(pre, prompt)}
+
+
+def bench_prefill(m: MoEModel, dense_model, prompt: torch.Tensor, warmup: int, rounds: int) -> Timing:
+    """One forward pass over the prompt (no cache), dense vs MoE."""
     def prefill(model):
         return lambda: model(input_ids=prompt, use_cache=False)
 
-    w = dict(warmup=warmup, rounds=iters, iters=1)
-    gen = compare(generate(dense_model), generate(m.model), **w)
-    pre = compare(prefill(dense_model), prefill(m.model), **{**w, "warmup": max(1, warmup)})
-    new = output_len * prompt.shape[0]
-    p_dense, p_moe = statistics.median(pre.dense), statistics.median(pre.moe)
-    dense_tok_s = [new / max(g - p_dense, 1e-9) for g in gen.dense]
-    moe_tok_s = [new / max(g - p_moe, 1e-9) for g in gen.moe]
-    decode = {"dense_tok_s": statistics.median(dense_tok_s), "moe_tok_s": statistics.median(moe_tok_s),
-              "speedup": statistics.median(d / m_ for d, m_ in zip(gen.dense, gen.moe)),
-              "input_len": prompt.shape[1], "output_len": output_len, "batch_size": prompt.shape[0]}
-    return {"decode": decode, "prefill": {**pre.summary(), "tokens": prompt.numel()}}
+    return compare(prefill(dense_model), prefill(m.model), warmup=warmup, rounds=rounds, iters=1)
+
+
+def _prefill_summary(t: Timing, prompt: torch.Tensor) -> dict:
+    return {**t.summary(), "tokens": prompt.numel()}  # ratio: MoE / dense, the median of the rounds
 
 
 def environment(threads: int) -> dict:
@@ -184,8 +199,10 @@ def environment(threads: int) -> dict:
 
 
 def run(m: MoEModel, blocks: torch.Tensor, *, input_len: int, output_len: int, batch_size: int, warmup: int,
-        iters: int, rounds: int, threads: int, prefill_tokens: int, prefill_layers: int) -> dict:
-    """The whole benchmark: FFN stacks at batch 1 and prefill size, model decode and prefill."""
+        iters: int, rounds: int, threads: int, prefill_tokens: int, prefill_layers: int,
+        long_prompt: int = 1024) -> dict:
+    """The whole benchmark: FFN stacks at batch 1 and prefill size, model decode and prefill (at
+    the prompt length and at `long_prompt` tokens), memory, and the cost the decode path executes."""
     torch.set_num_threads(threads)
     load_before = os.getloadavg()[0]
     with m.all_experts():
@@ -199,8 +216,14 @@ def run(m: MoEModel, blocks: torch.Tensor, *, input_len: int, output_len: int, b
     for layer in m.layers:
         layer.reset_counters()
     result.update(bench_model(m, dense_model, prompt, output_len, warmup=1, iters=rounds))
-    result["active_ffn_share"] = compute(m)["active_ffn_share"]  # measured over the generation runs
+    cost = compute(m)  # measured over the generation runs
+    result["active_ffn_share"] = cost["active_ffn_share"]  # the counted FLOP share of earlier versions
+    result["executed"] = {k: cost[k] for k in EXECUTED_KEYS}
+    long = blocks.flatten()[:long_prompt][None]
+    if long.shape[1] == long_prompt:
+        result["prefill_long"] = _prefill_summary(bench_prefill(m, dense_model, long, warmup=1, rounds=rounds), long)
     result["weights_mb"] = {"dense": _mb(dense_model), "moe": _mb(m.model)}
+    result["memory"] = {"dense_mb": resident_mb(dense_model), "moe_mb": resident_mb(m.model)}
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     # The 1-minute load average counts this benchmark's own threads; more than that means another
     # process competed for the cores (it lags, so look before and after).
@@ -208,6 +231,29 @@ def run(m: MoEModel, blocks: torch.Tensor, *, input_len: int, output_len: int, b
     if result["load_avg_1m"] > threads + 0.5:
         result["warning"] = "another process was busy during the run; ratios may be noisy"
     return result
+
+
+def resident_mb(model) -> float:
+    """What a model holds for inference: its parameters and buffers, and the tensors MoE layers
+    derive from them and keep (a sketch router's transposed weights, Gram matrices, masks)."""
+    seen, total = set(), 0
+    tensors = [*model.parameters(), *model.buffers()]
+    for module in model.modules():
+        for _key, derived in module.__dict__.get("_derived", {}).values():
+            tensors.extend(t for t in _flatten(derived) if isinstance(t, torch.Tensor))
+    for t in tensors:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total / 2**20
+
+
+def _flatten(obj):
+    if isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from _flatten(item)
+    else:
+        yield obj
 
 
 def _mb(model) -> float:

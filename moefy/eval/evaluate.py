@@ -36,7 +36,30 @@ def hidden_states(model, blocks, batch_size=8):
 
 
 def compute(m: MoEModel) -> dict:
-    """FFN FLOPs per token (router counted) from the counts of the last MoE-mode run."""
+    """The cost per token from the counts of the last MoE-mode run: what the decode path executes
+    (weight bytes read and FLOPs, router included: MoEFFN.decode_cost), and the counted FLOP share
+    of earlier versions (active_ffn_share: it counts savings no path executes, e.g. a pruned
+    sketch's reuse, and the sketch's FLOPs net of its pruned zeros)."""
+    return {**_counted(m), **executed(m)}
+
+
+EXECUTED_KEYS = ("decode_bytes_per_token", "decode_flops_per_token", "router_bytes_per_token", "dense_bytes_per_token",
+                 "executed_bytes_share", "executed_flops_share", "router_bytes_share")
+
+
+def executed(m: MoEModel) -> dict:
+    """Per token at decode, summed over the layers: FFN weight bytes read and FLOPs executed, router
+    included, against the dense FFN's, and the router's share of the dense bytes."""
+    costs = [layer.decode_cost() for layer in m.layers]
+    total = {key: sum(c[key] for c in costs) for key in costs[0]}
+    return {"decode_bytes_per_token": total["bytes"], "decode_flops_per_token": total["flops"],
+            "router_bytes_per_token": total["router_bytes"], "dense_bytes_per_token": total["dense_bytes"],
+            "executed_bytes_share": total["bytes"] / total["dense_bytes"],
+            "executed_flops_share": total["flops"] / total["dense_flops"],
+            "router_bytes_share": total["router_bytes"] / total["dense_bytes"]}
+
+
+def _counted(m: MoEModel) -> dict:
     dense = sum(layer.dense_flops_per_token() for layer in m.layers)
     moe = sum(layer.flops_per_token(layer.mean_k(), layer.mean_sketched()) for layer in m.layers)
     neurons = sum(layer.spec["shared"] + layer.mean_k() * layer.spec["expert_size"] for layer in m.layers)
@@ -73,14 +96,20 @@ def evaluate(m: MoEModel, blocks: torch.Tensor | str, batch_size: int = 8, progr
         layer.reset_counters()
     causal = m.family.causal
     dense = reference if reference is not None else dense_reference(m, blocks, batch_size, progress)
-    moe = (perplexity(m.model, blocks, batch_size, progress, "moe") if causal
-           else hidden_states(m.model, blocks, batch_size))
+    with m.sparse_only():  # every scored token as decode computes it, prompt path or not
+        moe = (perplexity(m.model, blocks, batch_size, progress, "moe") if causal
+               else hidden_states(m.model, blocks, batch_size))
     c = compute(m)
     out = {"dense": {"ffn_flops_per_token": c["dense_ffn_flops_per_token"]},
            "moe": {"ffn_flops_per_token": c["moe_ffn_flops_per_token"], "active_ffn_share": c["active_ffn_share"],
                    "active_neuron_share": c["active_neuron_share"], "mean_k": c["mean_k"],
-                   "mean_sketched": c["mean_sketched"]},
+                   "mean_sketched": c["mean_sketched"],
+                   "executed": {k: c[k] for k in EXECUTED_KEYS}},
            "tokens": int(blocks.numel())}
+    start = m.layers[0].spec.get("dense_prompt_from")
+    if start is not None:
+        out["scoring"] = (f"every token scored through the sparse per-token path, as decode runs; at inference "
+                          f"calls of {start}+ tokens (prompts) take the dense FFN, which changes their speed only")
     if causal:
         out["dense"]["ppl"], out["moe"]["ppl"] = dense[0], moe[0]
         out["ppl_ratio"] = moe[0] / dense[0]

@@ -18,3 +18,9 @@ def _kernels():
         else:
             _KERNELS = load()
     return _KERNELS
+
+# Tokens per call from which a converted model's layers take the dense FFN (MoEFFN._dense_prompt):
+# one GEMM over all neurons beats the sparse paths from 4 tokens on, measured on SmolLM2-135M's 30
+# FFNs with the balanced preset (benchmarks/prefill_crossover.py, 1 thread, AVX512: sparse 0.81x
+# dense time at 1 token, 0.77x at 2, 1.50x at 4, 2.5x at 128). Saved in each layer's spec.
+DENSE_PROMPT_FROM = 4

@@ -78,3 +78,38 @@ class FlopCount:
     def mean_sketched(self) -> float:
         """Sketched experts per token seen (approx_k before any)."""
         return self.sketched_selected / self.tokens_seen if self.tokens_seen else float(self.approx_k)
+
+    # -- executed cost ----------------------------------------------------------------------------
+    # What the path a decode step takes (one token per call) really reads and computes, router
+    # included: no saving is counted that no path executes (a pruned sketch's zeros are read and
+    # multiplied, a sketch's sums are not reused).
+
+    def decode_cost(self, mean_k: float | None = None, mean_sketched: float | None = None) -> dict:
+        """Per token at decode: weight bytes read and FLOPs executed (2 per multiply-add), the
+        router's share of each, and the dense FFN's, for `mean_k` exact and `mean_sketched`
+        sketched experts (default: the counts measured since reset_counters)."""
+        k = self.mean_k() if mean_k is None else mean_k
+        kb = self.mean_sketched() if mean_sketched is None else mean_sketched
+        E, n, D = self.w_in.shape
+        size = self.w_in.element_size()
+        gu = 2 if self.gated else 1  # gate and up (or the input matrix alone)
+        router_floats, router_flops = self._router_cost()
+        # A selected neuron reads its whole rows: no path saves a sketch's reused sums (the kernels
+        # add the channels left as a full dot with the kept ones zeroed, experts.cpp; a pruned
+        # sketch's sums are not reused at all), so reuse is counted only in active_ffn_share.
+        expert_floats = n * (gu + 1) * D
+        floats = router_floats + k * expert_floats + kb * n * D + self.spec["shared"] * D * (gu + 1)
+        flops = router_flops + 2 * (k * expert_floats + kb * n * D + self.spec["shared"] * D * (gu + 1))
+        dense = (E * n + self.spec["shared"]) * D * (gu + 1)
+        return {"bytes": floats * size, "flops": flops, "router_bytes": router_floats * size,
+                "router_flops": router_flops, "dense_bytes": dense * size, "dense_flops": 2 * dense}
+
+    def _router_cost(self) -> tuple[float, float]:
+        """(weight floats read, FLOPs) of the router for one token."""
+        r, (E, n, _) = self.router, self.w_in.shape
+        if isinstance(r, SketchRouter):
+            rows = r.kept * E * n * (2 if self.gated else 1)  # the kept channels' rows, pruned zeros included
+            score = E if n == 1 else E * n * n  # down-row norms, or each expert's Gram matrix
+            return rows + score, 2 * rows + 2 * score
+        floats = sum(p.numel() for p in r.parameters())
+        return floats, 2 * floats

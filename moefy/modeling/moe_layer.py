@@ -46,6 +46,7 @@ class MoEFFN(FlopCount, ExpertPaths, nn.Module):
         self.top_k = spec.get("top_k")
         self.tau = spec.get("tau")
         self.all_experts = False  # True: compute every expert (the exact dense FFN)
+        self.sparse_only = False  # True: never the dense prompt path (scoring runs every token as decode does)
         self.oracle = False  # True: route by the true expert output norms (analysis only: costs a dense FFN)
         empty = lambda *shape: nn.Parameter(torch.zeros(*shape))  # noqa: E731
         self.w_in = empty(E, n, D)
@@ -209,10 +210,26 @@ class MoEFFN(FlopCount, ExpertPaths, nn.Module):
         x = x.reshape(-1, shape[-1])  # [T, D]
         if self._feeds is not None:  # Pre-gated MoE: the next layer's router reads this input
             self._feeds._router_x = x
-        y = self._dense(x) if self.all_experts else self._sparse(x)
+        y = self._dense(x) if self.all_experts or self._dense_prompt(x) else self._sparse(x)
         if self.b_out is not None:
             y = y + self.b_out
         return y.reshape(shape)
+
+    def _dense_prompt(self, x: torch.Tensor) -> bool:
+        """Whether this call takes the dense FFN: a prompt of at least spec["dense_prompt_from"]
+        tokens, where one dense GEMM is faster than the sparse paths (the crossover is measured:
+        compiled.DENSE_PROMPT_FROM). It computes every neuron exactly, so it changes prompt speed,
+        not what a decode step computes; scoring turns it off (sparse_only), and so does training
+        (gradients flow through the selected experts only)."""
+        start = self.spec.get("dense_prompt_from")
+        return (start is not None and x.shape[0] >= start and not self.sparse_only and not self.oracle
+                and not (torch.is_grad_enabled() and self.w_in.requires_grad))
+
+    def set_dense_prompt_from(self, tokens: int | None):
+        """Calls of at least `tokens` tokens take the dense FFN (None: never); kept in the saved spec."""
+        if tokens is not None and tokens < 2:
+            raise ValueError(f"the dense prompt path starts at 2 tokens or more, got {tokens}")
+        self.spec["dense_prompt_from"] = tokens
 
     def route(self, x: torch.Tensor) -> torch.Tensor:
         """The experts each token uses (computed exactly), as a boolean mask [T, E]."""

@@ -13,6 +13,7 @@ from moefy.config import MoEConfig
 from moefy.errors import ConfigError
 from moefy.model import MoEModel
 from moefy.modeling.modeling_moefy import install_moe
+from moefy.modeling.compiled import DENSE_PROMPT_FROM
 from moefy.modeling.moe_layer import MoEFFN
 from moefy.pipeline.budget import apply_budget, error_curve, top_k_within
 from moefy.pipeline.group import split_neurons
@@ -49,6 +50,7 @@ def build(model, tokenizer, stats: list, moe: MoEConfig, record: dict | None = N
             raise ConfigError("the down refit runs the calibration text again: pass build() the Calibration "
                               "that calibrate() returns")
         refit_model(m, blocks, moe.refit_down, stats.record.get("batch_size", 8), progress=progress)
+    m.set_dense_prompt_from(DENSE_PROMPT_FROM)  # last: every fit above ran the sparse paths
     return m
 
 

@@ -47,6 +47,7 @@ from moefy.pipeline.calibrate import calibration_blocks, calibration_record
 from moefy.errors import ConfigError, ModelLoadError
 from moefy.pipeline.group import NEEDS_COACTIVATION
 from moefy.modeling.modeling_moefy import install_moe
+from moefy.modeling.compiled import DENSE_PROMPT_FROM
 from moefy.modeling.moe_layer import MoEFFN
 from moefy.pipeline.blocks import block_inputs, hidden_of, run_layer
 from moefy.pipeline.stats import FFNStats
@@ -206,6 +207,7 @@ def convert_layers(model, tokenizer, moe: MoEConfig, data: DataConfig, lw: Layer
     install_moe(model, model.config.moefy, layers)
     m = MoEModel(model.to("cpu").eval(), tokenizer, _record(record, family, moe, data, lw, calib, entries, "in memory"))
     apply_budget(m, moe)
+    m.set_dense_prompt_from(DENSE_PROMPT_FROM)
     return m
 
 
@@ -250,6 +252,8 @@ def convert_to_folder(name: str, moe: MoEConfig, data: DataConfig, lw: Layerwise
     model.config.moefy = _moefy_config(model, family, entries)
     rec = _record(record, family, moe, data, lw, calib, entries, source.loading)
     _budget_specs(model.config.moefy["layers"], rec, moe)
+    for spec in model.config.moefy["layers"]:
+        spec["dense_prompt_from"] = DENSE_PROMPT_FROM
     _write_folder(model, tokenizer, family, wf, rec, out, overwrite)
     shutil.rmtree(work_path)
     return out

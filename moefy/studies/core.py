@@ -95,18 +95,19 @@ def continuation_nll(m: MoEModel, block: torch.Tensor, prompt_len: int, mode: st
     changed, see MoEModel.all_experts_is_dense), "routed" (per-token routing) or "core"
     (per-token routing over the prompt, then only the prompt's core experts)."""
     target = block[:, prompt_len:]
-    if mode == "dense" and dense is not None:
-        logits = dense(input_ids=block).logits[:, prompt_len - 1:-1]
-    elif mode in ("dense", "routed"):
-        with (m.all_experts() if mode == "dense" else contextlib.nullcontext()):
-            logits = m.model(input_ids=block).logits[:, prompt_len - 1:-1]
-    else:
-        with selection_counts(m) as (counts, scores):
-            out = m.model(input_ids=block[:, :prompt_len], use_cache=True)
-        experts = [choose(c, s, core_size(l, budget)) for l, c, s in zip(m.layers, counts, scores)]
-        with fixed_experts(m, experts):
-            rest = m.model(input_ids=block[:, prompt_len:-1], past_key_values=out.past_key_values).logits
-        logits = torch.cat([out.logits[:, -1:], rest], 1)
+    with m.sparse_only():  # the prompt routed per token too, as the study compares
+        if mode == "dense" and dense is not None:
+            logits = dense(input_ids=block).logits[:, prompt_len - 1:-1]
+        elif mode in ("dense", "routed"):
+            with (m.all_experts() if mode == "dense" else contextlib.nullcontext()):
+                logits = m.model(input_ids=block).logits[:, prompt_len - 1:-1]
+        else:
+            with selection_counts(m) as (counts, scores):
+                out = m.model(input_ids=block[:, :prompt_len], use_cache=True)
+            experts = [choose(c, s, core_size(l, budget)) for l, c, s in zip(m.layers, counts, scores)]
+            with fixed_experts(m, experts):
+                rest = m.model(input_ids=block[:, prompt_len:-1], past_key_values=out.past_key_values).logits
+            logits = torch.cat([out.logits[:, -1:], rest], 1)
     nll = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), reduction="sum")
     return float(nll), target.numel()
 

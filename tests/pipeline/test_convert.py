@@ -33,8 +33,12 @@ def test_convert_every_family(model_type, tokenizer, ids):
         torch.testing.assert_close(outputs(m.model, ids), dense, atol=1e-4, rtol=1e-4)
         moefy.evaluate(m, ids)  # runs the dense reference in its own all_experts(): the switches nest
         torch.testing.assert_close(outputs(m.model, ids), dense, atol=1e-4, rtol=1e-4)
-    sparse = outputs(m.model, ids)
+    with m.sparse_only():
+        sparse = outputs(m.model, ids)
     assert not torch.allclose(sparse, dense, atol=1e-3)
+    # a prompt (DENSE_PROMPT_FROM tokens or more) takes the dense FFN; one token at a time is sparse
+    torch.testing.assert_close(outputs(m.model, ids), dense, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(outputs(m.model, ids[:, :1]), dense[:, :1], atol=1e-3)
     r = moefy.evaluate(m, ids)
     assert 0 < r["moe"]["active_ffn_share"] <= 0.5 + 1e-9
     assert r["moe"]["ffn_flops_per_token"] < r["dense"]["ffn_flops_per_token"]

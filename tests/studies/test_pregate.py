@@ -41,7 +41,8 @@ def test_pregated_convert_routes_from_previous_input_and_reloads(tiny_llama_preg
     assert first.router_input == "own" and second.router_input == "previous"
     assert m.record["layers"][1]["router_recall"] > second.top_k / second.spec["num_experts"]  # chance
     # Layer 1's experts are chosen by its router on layer 0's input, and nothing else.
-    (x0, _), (x1, y1) = io_per_layer(m, ids)
+    with m.sparse_only():  # every token routed (no dense prompt path)
+        (x0, _), (x1, y1) = io_per_layer(m, ids)
     mask = select_experts(second.router(x0), second.top_k, None)
     torch.testing.assert_close(y1, second.forward_reference(x1, mask), atol=1e-5, rtol=1e-5)
     assert not torch.equal(mask, select_experts(second.router(x1), second.top_k, None))

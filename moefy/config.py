@@ -78,9 +78,9 @@ class MoEConfig:
             raise ConfigError(f"router sparsity must be in [0, 1), got {self.router_sparsity}; try 0.6 at 25% active, 0.33 at 50%")
         if self.router_sparsity and self.router != "sketch":
             raise ConfigError("--router-sparsity prunes a sketch router's view of the weights; use it with --router sketch")
-        if self.router_approx and (self.router != "sketch" or self.tau is not None):
+        if self.router_approx and (self.router not in ("sketch", "quant") or self.tau is not None):
             raise ConfigError("--router-approx needs the sketch router and a fixed top-k (--router sketch, no --tau)")
-        if self.router_threshold and (self.router != "sketch" or self.tau is not None):
+        if self.router_threshold and (self.router not in ("sketch", "quant") or self.tau is not None):
             raise ConfigError("--router-threshold needs the sketch router and a fixed top-k (--router sketch, no --tau)")
         if self.refit_down is not None:
             check_strength(self.refit_down)

@@ -72,9 +72,17 @@ def tiny_folder(tmp_path, tokenizer):
 
 
 @torch.no_grad()  # with autograd on, MoEFFN takes its torch path (the kernels have no backward)
-def outputs(model, ids):
-    """Logits of a causal LM, the last hidden state of an encoder."""
-    out = model(input_ids=ids)
+def outputs(model, ids, sparse=True):
+    """Logits of a causal LM, the last hidden state of an encoder. `sparse`: every token through
+    the MoE layers' sparse paths, as scoring runs (no dense prompt path: MoEFFN.sparse_only)."""
+    layers = [m for m in model.modules() if hasattr(m, "sparse_only")] if sparse else []
+    for layer in layers:
+        layer.sparse_only = True
+    try:
+        out = model(input_ids=ids)
+    finally:
+        for layer in layers:
+            layer.sparse_only = False
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 

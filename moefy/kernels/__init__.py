@@ -105,6 +105,9 @@ class Kernels:
         self._sketch_moe.argtypes = [i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr,
                                      ptr, ptr, ptr, c_int, ptr, c_int, ptr, ptr, c_int]
         self._sketch_moe.restype = None
+        self._q4_hidden = lib.moefy_q4_hidden
+        self._q4_hidden.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, c_int, ptr, c_int]
+        self._q4_hidden.restype = None
         self.weights_key = weights_key
 
     @staticmethod
@@ -148,6 +151,17 @@ class Kernels:
         self._sketch(T, x.shape[1], I, c, x.data_ptr(), idx.data_ptr(), wt_in.data_ptr(), _ptr(wt_up),
                      _ptr(b_in), ACT_CODES[act], h.data_ptr(), _ptr(gp), _ptr(upp), torch.get_num_threads())
         return (h, gp, upp) if partials else h
+
+    def q4_hidden(self, x: torch.Tensor, q_in: torch.Tensor, s_in: torch.Tensor, q_up: torch.Tensor | None,
+                  s_up: torch.Tensor | None, b_in: torch.Tensor | None, act: str) -> torch.Tensor:
+        """Every routed neuron's estimated activation [T, I] for x [T, D] (contiguous fp32) from the
+        4-bit copies q_* [I, D / 2] (uint8) with their group scales s_* [I, D / 32] (fp32)."""
+        T, D = x.shape
+        I = q_in.shape[0]
+        h = torch.empty(T, I)
+        self._q4_hidden(T, D, I, x.data_ptr(), q_in.data_ptr(), s_in.data_ptr(), _ptr(q_up), _ptr(s_up), _ptr(b_in),
+                        ACT_CODES[act], h.data_ptr(), torch.get_num_threads())
+        return h
 
     def sketch_experts(self, args: "LayerArgs", x: torch.Tensor, kept: torch.Tensor, gp: torch.Tensor,
                        upp: torch.Tensor | None, experts: torch.Tensor,

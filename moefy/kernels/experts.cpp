@@ -223,6 +223,35 @@ inline void axpy_gathered(const float* v, const float* const* rows, int64_t coun
   }
 }
 
+// <q4 row, int8 x>: G groups of 32, see moefy_q4_hidden.
+inline float q4_dot(const uint8_t* q, const float* s, const int8_t* x, const float* sx, int64_t G) {
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m128i low = _mm_set1_epi8(0x0F);
+  const __m256i eight = _mm256_set1_epi8(8), ones = _mm256_set1_epi16(1);
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t j = 0; j < G; ++j) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * j));
+    __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), low), _mm_and_si128(b, low));
+    w = _mm256_sub_epi8(w, eight);
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32 * j));
+    const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w)), ones);
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s[j] * sx[j]), acc);
+  }
+  return hsum(acc);
+#else
+  float acc = 0.0f;
+  for (int64_t j = 0; j < G; ++j) {
+    int32_t sum = 0;
+    for (int k = 0; k < 16; ++k) {
+      const uint8_t b = q[16 * j + k];
+      sum += ((int32_t)(b & 0x0F) - 8) * x[32 * j + k] + ((int32_t)(b >> 4) - 8) * x[32 * j + 16 + k];
+    }
+    acc += (float)sum * s[j] * sx[j];
+  }
+  return acc;
+#endif
+}
+
 }  // namespace
 
 extern "C" {
@@ -608,6 +637,41 @@ void moefy_sketch_moe(int64_t T, int64_t D, int64_t I, int64_t c, int64_t K, int
     const int64_t lo = std::min(D, s * width), hi = std::min(D, lo + width);
     if (lo < hi)
       for (int64_t t = 0; t < T; ++t) axpy_rows(hs.data() + t * S, s_out, S, D, lo, hi, y + t * D);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The quantised router's estimate (router_quant.py): every routed neuron's activation from a
+// 4-bit copy of the gate and up rows, h[t, i] = act(b_in[i] + <x_t, g_i>) * <x_t, u_i>, where a
+// row holds D / 32 groups of 16 bytes, byte k of group j = (q[32 j + k] + 8) | (q[32 j + 16 + k] + 8) << 4
+// with q in [-8, 7] and the group's scale s[i, j]: w = q * s. x is quantised to int8 per group
+// of 32 (scale amax / 127) once per token, so each group is one int8 dot product (AVX2 maddubs, as
+// llama.cpp's Q4_0 x Q8_0); the result is an estimate used for ranking and sketched experts only.
+void moefy_q4_hidden(int64_t T, int64_t D, int64_t I, const float* x, const uint8_t* q_in, const float* s_in,
+                     const uint8_t* q_up, const float* s_up, const float* b_in, int act, float* h, int threads) {
+  const int64_t G = D / 32;
+  std::vector<int8_t> xq(T * D);
+  std::vector<float> sx(T * G);
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t j = 0; j < G; ++j) {
+      const float* v = x + t * D + j * 32;
+      float amax = 0.0f;
+      for (int k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(v[k]));
+      const float scale = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+      sx[t * G + j] = scale;
+      for (int k = 0; k < 32; ++k) xq[t * D + j * 32 + k] = (int8_t)std::lrintf(v[k] * inv);
+    }
+  }
+#pragma omp parallel for num_threads(threads) schedule(static) collapse(2) if (T * I > 4096)
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t i = 0; i < I; ++i) {
+      const int8_t* xt = xq.data() + t * D;
+      const float* st = sx.data() + t * G;
+      float g = q4_dot(q_in + i * (D / 2), s_in + i * G, xt, st, G);
+      g = activate(g + (b_in ? b_in[i] : 0.0f), act);
+      if (q_up) g *= q4_dot(q_up + i * (D / 2), s_up + i * G, xt, st, G);
+      h[t * I + i] = g;
+    }
   }
 }
 

@@ -106,7 +106,10 @@ class FlopCount:
 
     def _router_cost(self) -> tuple[float, float]:
         """(weight floats read, FLOPs) of the router for one token."""
-        r, (E, n, _) = self.router, self.w_in.shape
+        r, (E, n, D) = self.router, self.w_in.shape
+        if hasattr(r, "bytes_per_token"):  # the quantised router: its 4-bit copy, int8 products
+            mats = 2 if self.gated else 1
+            return r.bytes_per_token() / self.w_in.element_size(), 2 * mats * E * n * D + 2 * E * n * n
         if isinstance(r, SketchRouter):
             rows = r.kept * E * n * (2 if self.gated else 1)  # the kept channels' rows, pruned zeros included
             score = E if n == 1 else E * n * n  # down-row norms, or each expert's Gram matrix

@@ -36,6 +36,14 @@ def router_spec(kind: str, cfg) -> dict:
             threshold = cfg.tau is None
         options = {"channels": channels, "auto": auto, "reuse": reuse, "approx": approx, "threshold": threshold}
         return {"kind": "sketch", "options": {**options, "sparsity": sparsity} if sparsity else options}
+    if kind == "quant":
+        approx = cfg.router_approx
+        if approx is None:
+            approx = SKETCH_APPROX_DEFAULT if cfg.tau is None else 0.0
+        threshold = cfg.router_threshold
+        if threshold is None:
+            threshold = cfg.tau is None
+        return {"kind": "quant", "options": {"bits": 4, "approx": approx, "threshold": threshold}}
     return {"kind": kind}
 
 
@@ -152,6 +160,10 @@ def build_router(moe: MoEFFN, inputs: torch.Tensor, cfg, router_inputs: torch.Te
             moe.fit_sketch_sparsity(inputs)
             if cfg.tau is None and cfg.active is not None:  # the top-k a share allows, at the density measured
                 moe.set_selection(max(1, moe.top_k_for_share(cfg.active)), None)
+        if moe.router.threshold:
+            moe.fit_score_quantiles(inputs)
+    elif kind == "quant":
+        moe.router.quantize_weights()
         if moe.router.threshold:
             moe.fit_score_quantiles(inputs)
     return {"router_recall": recall(moe, inputs[: len(inputs) // 10 or 1])}

@@ -4,6 +4,7 @@ record of how it was made; the settings a user can change after conversion live 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from dataclasses import dataclass, field
 
@@ -209,3 +210,14 @@ class MoEModel:
         finally:
             for layer, value in zip(layers, before):
                 setattr(layer, flag, value)
+
+
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The name under which `model`'s forward takes the KV cache: `cache` in newer transformers
+    (`past_key_values` there is deprecated, removed in 5.40), `past_key_values` in older ones."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def output_cache(out):
+    """The KV cache a forward returned: `out.cache` in newer transformers, `out.past_key_values` in older."""
+    return out.cache if "cache" in getattr(out, "__dataclass_fields__", {}) else out.past_key_values

@@ -108,6 +108,10 @@ class Kernels:
         self._q4_hidden = lib.moefy_q4_hidden
         self._q4_hidden.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, c_int, ptr, c_int]
         self._q4_hidden.restype = None
+        self._q4_moe = lib.moefy_q4_moe
+        self._q4_moe.argtypes = [i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int,
+                                 ptr, ptr, c_int]
+        self._q4_moe.restype = None
         self.weights_key = weights_key
 
     @staticmethod
@@ -162,6 +166,22 @@ class Kernels:
         self._q4_hidden(T, D, I, x.data_ptr(), q_in.data_ptr(), s_in.data_ptr(), _ptr(q_up), _ptr(s_up), _ptr(b_in),
                         ACT_CODES[act], h.data_ptr(), torch.get_num_threads())
         return h
+
+    def q4_moe(self, args: "LayerArgs", x: torch.Tensor, router, k: int, sketched: int,
+               norms: torch.Tensor, thresholds: tuple[float, float] | None = None) -> tuple[torch.Tensor, int, int]:
+        """The whole layer for a quantised router (`router`: its q_in, s_in, q_up, s_up) over
+        one-neuron experts in one call: estimate, scores (|h| x the down rows' `norms`),
+        selection (top `k` exact and the next `sketched`, or by `thresholds`), the exact neurons
+        and the sketched ones (no shared neurons, no b_out). Returns (y, exact, sketched counts)."""
+        y = torch.empty_like(x)
+        w_in, w_up, b_in, w_out = args.experts_tail[:4]
+        thr = None if thresholds is None else torch.tensor(thresholds, dtype=torch.float32)
+        counts = torch.zeros(2, dtype=torch.int64)
+        self._q4_moe(x.shape[0], x.shape[1], router.q_in.shape[0], k, sketched, x.data_ptr(), router.q_in.data_ptr(),
+                     router.s_in.data_ptr(), _ptr(router.q_up), _ptr(router.s_up), norms.data_ptr(), _ptr(thr),
+                     w_in, w_up, b_in, w_out, args.experts_tail[-1], y.data_ptr(), counts.data_ptr(),
+                     torch.get_num_threads())
+        return y, int(counts[0]), int(counts[1])
 
     def sketch_experts(self, args: "LayerArgs", x: torch.Tensor, kept: torch.Tensor, gp: torch.Tensor,
                        upp: torch.Tensor | None, experts: torch.Tensor,

@@ -675,4 +675,66 @@ void moefy_q4_hidden(int64_t T, int64_t D, int64_t I, const float* x, const uint
   }
 }
 
+// The whole layer for the quantised router over one-neuron experts, for few tokens, in one call:
+// the estimate h (moefy_q4_hidden), the scores |h_i| * norms[i], the selection (with thr =
+// (t_exact, t_sketched): neurons scoring >= t_exact exactly, those in [t_sketched, t_exact)
+// sketched; without: the K best exactly, the next KB sketched), the exact neurons from their fp32
+// gate, up and down rows, the sketched ones as h_i times their down row. No shared neurons, no
+// b_out; y [T, D] is overwritten; counts[0] / [1] receive the exact / sketched neurons summed.
+void moefy_q4_moe(int64_t T, int64_t D, int64_t I, int64_t K, int64_t KB, const float* x, const uint8_t* q_in,
+                  const float* s_in, const uint8_t* q_up, const float* s_up, const float* norms, const float* thr,
+                  const float* w_in, const float* w_up, const float* b_in, const float* w_out, int act, float* y,
+                  int64_t* counts, int threads) {
+  std::vector<float> h(T * I), score(I), hv;
+  std::vector<int64_t> order(I), exact, sketched;
+  std::vector<const float*> down;
+  moefy_q4_hidden(T, D, I, x, q_in, s_in, q_up, s_up, b_in, act, h.data(), threads);
+  for (int64_t t = 0; t < T; ++t) {
+    const float* ht = h.data() + t * I;
+    const float* xt = x + t * D;
+    for (int64_t i = 0; i < I; ++i) score[i] = std::fabs(ht[i]) * norms[i];
+    exact.clear();
+    sketched.clear();
+    if (thr) {
+      for (int64_t i = 0; i < I; ++i) {
+        if (score[i] >= thr[0]) exact.push_back(i);
+        else if (score[i] >= thr[1]) sketched.push_back(i);
+      }
+    } else {
+      const int64_t k = std::min(K, I), kb = std::min(KB, I - k);
+      for (int64_t i = 0; i < I; ++i) order[i] = i;
+      auto better = [&](int64_t a, int64_t b) { return score[a] > score[b]; };
+      std::nth_element(order.begin(), order.begin() + k, order.end(), better);
+      if (kb) std::nth_element(order.begin() + k, order.begin() + k + kb, order.end(), better);
+      exact.assign(order.begin(), order.begin() + k);
+      sketched.assign(order.begin() + k, order.begin() + k + kb);
+    }
+    counts[0] += (int64_t)exact.size();
+    counts[1] += (int64_t)sketched.size();
+    hv.clear();
+    down.clear();
+    for (size_t j = 0; j < exact.size(); j += 4) {  // four neurons' gate and up rows per pass over x
+      const float* p[8];
+      float g[8];
+      const size_t m = std::min<size_t>(4, exact.size() - j);
+      for (size_t k = 0; k < 4; ++k) {
+        const int64_t i = exact[j + std::min(k, m - 1)];
+        p[k] = w_in + i * D;
+        p[4 + k] = w_up ? w_up + i * D : w_in + i * D;
+      }
+      dots<8>(xt, p, D, g);
+      for (size_t k = 0; k < m; ++k) {
+        const int64_t i = exact[j + k];
+        hv.push_back(activate(g[k] + (b_in ? b_in[i] : 0.0f), act) * (w_up ? g[4 + k] : 1.0f));
+        down.push_back(w_out + i * D);
+      }
+    }
+    for (int64_t i : sketched) {
+      hv.push_back(ht[i]);
+      down.push_back(w_out + i * D);
+    }
+    down_rows(hv.data(), down.data(), (int64_t)down.size(), 0, D, y + t * D);
+  }
+}
+
 }  // extern "C"

@@ -14,6 +14,19 @@ import transformers
 
 from .moe_layer import MoEFFN, link_pregated
 from .sparse_ffn import TYPE as SPARSE_EXPANSION, SparseExpertFFN
+# transformers before huggingface/transformers#46022 (4.56 among them) copies a local folder's
+# remote code into its module cache only as deep as this file's own imports: name every module.
+from .activations import ACTIVATIONS  # noqa: F401
+from .compiled import _kernels  # noqa: F401
+from .cost import FlopCount  # noqa: F401
+from .paths import ExpertPaths  # noqa: F401
+from .routers import ROUTERS  # noqa: F401
+from .router_mlp import MLPRouter  # noqa: F401
+from .router_representative import RepresentativeRouter  # noqa: F401
+from .router_similarity import SimilarityRouter  # noqa: F401
+from .router_sketch import SketchRouter  # noqa: F401
+from .selection import select_experts  # noqa: F401
+from .router_quant import QuantRouter  # noqa: F401
 
 PREFIX = "Moefy"
 

@@ -20,6 +20,7 @@ from .compiled import KERNEL_FUSED_MAX_TOKENS, _kernels
 from .cost import FlopCount
 from .paths import ExpertPaths
 from .router_mlp import MLPRouter
+from .router_quant import QuantRouter
 from .router_sketch import SketchRouter
 from .routers import ROUTERS
 from .selection import select_experts
@@ -69,6 +70,9 @@ class MoEFFN(FlopCount, ExpertPaths, nn.Module):
         # The compiled sketch paths complete the sketch's sums; a pruned sketch's are completed
         # (with the weights it dropped) only in the FLOP count: see SketchRouter.
         self._sketch_reuse = isinstance(self.router, SketchRouter) and self.router.reuse and not self.router.sparsity
+        # The quantised router's estimate has no partial sums: its kernel path completes "empty" ones
+        # (every selected neuron from all of x) with the sketched experts in the same call.
+        self._quant = isinstance(self.router, QuantRouter)
         # "previous": the router reads the previous layer's FFN input (Pre-gated MoE, Hwang et al.
         # 2024), which that layer hands over in its forward (see link_pregated).
         self.router_input = spec.get("router_input", "own")

@@ -29,7 +29,8 @@ class ExpertPaths:
                 torch.is_grad_enabled() and x.requires_grad):
             args = self._kernel_args(kern)
             if args is not None:
-                if (self._approx_on() or self.thresholded) and not self._sketch_reuse and not self._fused_pruned(T):
+                if ((self._approx_on() or self.thresholded) and not self._sketch_reuse and not self._quant
+                        and not self._fused_pruned(T)):
                     return self._sparse_approx(x.contiguous(), kern, args)
                 return self._sparse_kernel(kern, args, x.contiguous())
         if T >= SKETCH_GEMM_MIN_TOKENS and isinstance(self.router, SketchRouter) and not self.oracle \
@@ -52,8 +53,8 @@ class ExpertPaths:
 
     def _fused_sketch(self, T: int) -> bool:
         """Whether the fused sketch kernel (kern.sketch_moe) can take T tokens: few of them,
-        one-neuron experts, a fixed top-k or thresholds."""
-        return self.tau is None and T <= KERNEL_FUSED_MAX_TOKENS and self.spec["expert_size"] == 1
+        one-neuron experts, a fixed top-k or thresholds; a sketch of fp32 rows (not the quantised router)."""
+        return self.tau is None and T <= KERNEL_FUSED_MAX_TOKENS and self.spec["expert_size"] == 1 and not self._quant
 
     def _fused_pruned(self, T: int) -> bool:
         """Whether the fused kernel takes this call for a pruned sketch (SketchRouter.sparsity), on
@@ -77,7 +78,7 @@ class ExpertPaths:
         T = x.shape[0]
         self.tokens_seen += T
         few = T <= KERNEL_FUSED_MAX_TOKENS
-        if (self._sketch_reuse or self._fused_pruned(T)) and not self.oracle and self.router_input == "own":
+        if (self._sketch_reuse or self._quant or self._fused_pruned(T)) and not self.oracle and self.router_input == "own":
             return self._sketch_kernel(kern, args, x)
         if self.tau is None:
             self.experts_selected += T * self.top_k
@@ -97,6 +98,12 @@ class ExpertPaths:
         the selected neurons computed from every channel."""
         kb = self.approx_k if self._approx_on() else 0
         thresholds = self.thresholds() if self.thresholded else None
+        if self._quant and self.tau is None and x.shape[0] <= KERNEL_FUSED_MAX_TOKENS and self.spec["expert_size"] == 1:
+            y, exact, sketched = kern.q4_moe(args, x, self.router, self.top_k, kb, self.router.weights_view()[2],
+                                             thresholds)
+            self.experts_selected += exact
+            self.sketched_selected += sketched
+            return y if self.shared_in is None else y + self._shared(x)
         if self._fused_sketch(x.shape[0]):
             t_in, t_up, norms = self.router.weights_view()
             y, exact, sketched = kern.sketch_moe(args, x, self.top_k, self.router.kept, t_in, t_up, norms,

@@ -80,11 +80,14 @@ class QuantRouter(SketchRouter):
     def norms(self, x: torch.Tensor, kept: int | None = None, partials: bool = False, hidden: bool = False):
         """Scores [T, E] (and with `hidden` the estimates [T, E, n]) for x [T, D]; `kept` is ignored
         (every channel is read)."""
-        if partials:
-            raise RuntimeError("the quantised router has no partial sums to complete")
         E, n, _ = self.shape
         h = self.estimate(x).view(-1, E, n)
         scores = self.scores_from_hidden(h)
+        if partials:  # no channel was read ahead: the selected neurons are computed from all of x
+            T = x.shape[0]
+            zeros = x.new_zeros(T, E * n)
+            sums = (torch.empty(T, 0, dtype=torch.long), zeros, zeros if self.shape[2] == 2 else None)
+            return (scores, h, sums) if hidden else (scores, sums)
         return (scores, h) if hidden else scores
 
     def estimate(self, x: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from moefy.eval.bench import DenseFFNModule
-from moefy.model import MoEModel
+from moefy.model import MoEModel, cache_kwarg, output_cache
 from moefy.modeling.moe_layer import MoEFFN
 
 
@@ -106,7 +106,7 @@ def continuation_nll(m: MoEModel, block: torch.Tensor, prompt_len: int, mode: st
                 out = m.model(input_ids=block[:, :prompt_len], use_cache=True)
             experts = [choose(c, s, core_size(l, budget)) for l, c, s in zip(m.layers, counts, scores)]
             with fixed_experts(m, experts):
-                rest = m.model(input_ids=block[:, prompt_len:-1], past_key_values=out.past_key_values).logits
+                rest = m.model(input_ids=block[:, prompt_len:-1], **{cache_kwarg(m.model): output_cache(out)}).logits
             logits = torch.cat([out.logits[:, -1:], rest], 1)
     nll = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), reduction="sum")
     return float(nll), target.numel()

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moefy.model import MoEModel
+from moefy.model import MoEModel, cache_kwarg, output_cache
 from moefy.modeling.router_mlp import MLPRouter
 from moefy.modeling.moe_layer import MoEFFN
 from moefy.modeling.compiled import _kernels
@@ -301,14 +301,14 @@ class OffloadRun:
 def greedy(model, prompt: torch.Tensor, new_tokens: int, after_prefill=None) -> tuple[list[int], list[float]]:
     """Greedy decode of one sequence with the KV cache: the new tokens and each decode step's
     wall-clock (s). `after_prefill`: a callable returning a context manager the decode runs in."""
-    out = model(input_ids=prompt, use_cache=True)
-    past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    out, name = model(input_ids=prompt, use_cache=True), cache_kwarg(model)
+    past, tok = output_cache(out), out.logits[:, -1].argmax(-1, keepdim=True)
     tokens, times = [int(tok)], []
     with after_prefill() if after_prefill is not None else contextlib.nullcontext():
         for _ in range(new_tokens - 1):
             start = time.perf_counter()
-            out = model(input_ids=tok, past_key_values=past, use_cache=True)
-            past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            out = model(input_ids=tok, use_cache=True, **{name: past})
+            past, tok = output_cache(out), out.logits[:, -1].argmax(-1, keepdim=True)
             times.append(time.perf_counter() - start)
             tokens.append(int(tok))
     return tokens, times

@@ -84,3 +84,18 @@ def test_lm_eval_task_errors(tmp_path):
         r = CliRunner().invoke(app, ["lm-eval-task", *args])
         assert r.exit_code == 2 and r.output.startswith("error:") and message in r.output, r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_the_remote_code_imports_every_runtime_module():
+    """transformers before 4.57 copies a saved folder's remote code only as deep as
+    modeling_moefy.py's own imports: it must name every module of moefy/modeling."""
+    import ast
+    from pathlib import Path
+
+    import moefy.modeling
+
+    folder = Path(moefy.modeling.__file__).parent
+    tree = ast.parse((folder / "modeling_moefy.py").read_text())
+    imported = {node.module for node in tree.body if isinstance(node, ast.ImportFrom) and node.level == 1}
+    modules = {p.stem for p in folder.glob("*.py")} - {"__init__", "modeling_moefy"}
+    assert modules <= imported, sorted(modules - imported)

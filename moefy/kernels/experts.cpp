@@ -223,32 +223,53 @@ inline void axpy_gathered(const float* v, const float* const* rows, int64_t coun
   }
 }
 
-// <q4 row, int8 x>: G groups of 32, see moefy_q4_hidden.
-inline float q4_dot(const uint8_t* q, const float* s, const int8_t* x, const float* sx, int64_t G) {
+// <q4 rows, int8 x> for a neuron's gate and up rows at once (up may be null): G groups of 32, see
+// moefy_q4_hidden. The codes stay unsigned (q + 8): sum (q + 8) x - 8 sum x, with xc[j] = 8 sx[j]
+// sum_k x[32 j + k] per group, so one maddubs per group; two accumulators per row hide the FMA latency.
+inline void q4_dot2(const uint8_t* qa, const float* sa, const uint8_t* qb, const float* sb, const int8_t* x,
+                    const float* sx, const float* xc, int64_t G, float* out) {
 #if defined(__AVX2__) && defined(__FMA__)
   const __m128i low = _mm_set1_epi8(0x0F);
-  const __m256i eight = _mm256_set1_epi8(8), ones = _mm256_set1_epi16(1);
-  __m256 acc = _mm256_setzero_ps();
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
+  float ca = 0.0f, cb = 0.0f;
   for (int64_t j = 0; j < G; ++j) {
-    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * j));
-    __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), low), _mm_and_si128(b, low));
-    w = _mm256_sub_epi8(w, eight);
     const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32 * j));
-    const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w)), ones);
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s[j] * sx[j]), acc);
-  }
-  return hsum(acc);
-#else
-  float acc = 0.0f;
-  for (int64_t j = 0; j < G; ++j) {
-    int32_t sum = 0;
-    for (int k = 0; k < 16; ++k) {
-      const uint8_t b = q[16 * j + k];
-      sum += ((int32_t)(b & 0x0F) - 8) * x[32 * j + k] + ((int32_t)(b >> 4) - 8) * x[32 * j + 16 + k];
+    const __m128i ba = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qa + 16 * j));
+    const __m256i wa = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(ba, 4), low), _mm_and_si128(ba, low));
+    const __m256 pa = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wa, xv), ones));
+    const float scale_a = sa[j] * sx[j];
+    ca += sa[j] * xc[j];
+    if (j & 1) a1 = _mm256_fmadd_ps(pa, _mm256_set1_ps(scale_a), a1);
+    else a0 = _mm256_fmadd_ps(pa, _mm256_set1_ps(scale_a), a0);
+    if (qb) {
+      const __m128i bb = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qb + 16 * j));
+      const __m256i wb = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bb, 4), low), _mm_and_si128(bb, low));
+      const __m256 pb = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wb, xv), ones));
+      cb += sb[j] * xc[j];
+      if (j & 1) b1 = _mm256_fmadd_ps(pb, _mm256_set1_ps(sb[j] * sx[j]), b1);
+      else b0 = _mm256_fmadd_ps(pb, _mm256_set1_ps(sb[j] * sx[j]), b0);
     }
-    acc += (float)sum * s[j] * sx[j];
   }
-  return acc;
+  out[0] = hsum(_mm256_add_ps(a0, a1)) - ca;
+  out[1] = qb ? hsum(_mm256_add_ps(b0, b1)) - cb : 0.0f;
+#else
+  for (int r = 0; r < 2; ++r) {
+    const uint8_t* q = r ? qb : qa;
+    const float* s = r ? sb : sa;
+    float acc = 0.0f;
+    if (q) {
+      for (int64_t j = 0; j < G; ++j) {
+        int32_t sum = 0;
+        for (int k = 0; k < 16; ++k) {
+          const uint8_t b = q[16 * j + k];
+          sum += (int32_t)(b & 0x0F) * x[32 * j + k] + (int32_t)(b >> 4) * x[32 * j + 16 + k];
+        }
+        acc += (float)sum * s[j] * sx[j] - s[j] * xc[j];
+      }
+    }
+    out[r] = acc;
+  }
 #endif
 }
 
@@ -651,7 +672,7 @@ void moefy_q4_hidden(int64_t T, int64_t D, int64_t I, const float* x, const uint
                      const uint8_t* q_up, const float* s_up, const float* b_in, int act, float* h, int threads) {
   const int64_t G = D / 32;
   std::vector<int8_t> xq(T * D);
-  std::vector<float> sx(T * G);
+  std::vector<float> sx(T * G), xc(T * G);
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t j = 0; j < G; ++j) {
       const float* v = x + t * D + j * 32;
@@ -659,18 +680,22 @@ void moefy_q4_hidden(int64_t T, int64_t D, int64_t I, const float* x, const uint
       for (int k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(v[k]));
       const float scale = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
       sx[t * G + j] = scale;
-      for (int k = 0; k < 32; ++k) xq[t * D + j * 32 + k] = (int8_t)std::lrintf(v[k] * inv);
+      int32_t sum = 0;
+      for (int k = 0; k < 32; ++k) {
+        xq[t * D + j * 32 + k] = (int8_t)std::lrintf(v[k] * inv);
+        sum += xq[t * D + j * 32 + k];
+      }
+      xc[t * G + j] = 8.0f * scale * (float)sum;  // the codes' offset of 8, times the group's x
     }
   }
 #pragma omp parallel for num_threads(threads) schedule(static) collapse(2) if (T * I > 4096)
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t i = 0; i < I; ++i) {
-      const int8_t* xt = xq.data() + t * D;
-      const float* st = sx.data() + t * G;
-      float g = q4_dot(q_in + i * (D / 2), s_in + i * G, xt, st, G);
-      g = activate(g + (b_in ? b_in[i] : 0.0f), act);
-      if (q_up) g *= q4_dot(q_up + i * (D / 2), s_up + i * G, xt, st, G);
-      h[t * I + i] = g;
+      float gu[2];
+      q4_dot2(q_in + i * (D / 2), s_in + i * G, q_up ? q_up + i * (D / 2) : nullptr, s_up ? s_up + i * G : nullptr,
+              xq.data() + t * D, sx.data() + t * G, xc.data() + t * G, G, gu);
+      const float g = activate(gu[0] + (b_in ? b_in[i] : 0.0f), act);
+      h[t * I + i] = q_up ? g * gu[1] : g;
     }
   }
 }

@@ -15,13 +15,14 @@ from conftest import save_tiny_llama
 runner = CliRunner()
 
 
-def test_default_preset_is_the_demo_recipe():
-    """balanced = the recipe `make demo` ran as flags (--router sketch --experts 1536 --shared 0
-    --router-sparsity 0.33 --router-approx 0.4 --refit-down 1.0) on SmolLM2's width 1536."""
+def test_sketch_preset_is_the_former_demo_recipe():
+    """sketch = the recipe `make demo` ran as flags before the quantised router (--router sketch
+    --experts 1536 --shared 0 --router-sparsity 0.33 --router-approx 0.4 --refit-down 1.0) on
+    SmolLM2's width 1536."""
     demo = MoEConfig(num_experts=1536, router="sketch", shared=0.0, router_sparsity=0.33, router_approx=0.4,
                      refit_down=1.0)
-    cfg = presets.get(None).moe_config()
-    assert presets.DEFAULT == "balanced"
+    cfg = presets.get("sketch").moe_config()
+    assert presets.DEFAULT == "balanced" and presets.get(None).moe["router"] == "quant"
     assert cfg.experts_for(1536) == 1536
     skip = {"num_experts", "expert_size"}
     assert {k: v for k, v in cfg.to_dict().items() if k not in skip} == \
@@ -42,8 +43,9 @@ def test_flags_override_a_preset():
     cfg = p.moe_config(num_experts=8)  # a number of experts replaces the preset's expert size
     assert (cfg.num_experts, cfg.expert_size) == (8, None)
     assert p.moe_config(tau=0.2).active is None
-    other = p.moe_config(router="mlp")  # another router kind drops the sketch router's settings
+    other = p.moe_config(router="mlp")  # another router kind drops the preset router's settings
     assert other.router_sparsity == 0.0 and other.router_approx is None
+    assert presets.get("sketch").moe_config(router="quant").router_sparsity == 0.0
     other.validate()
 
 
@@ -116,7 +118,7 @@ def test_python_api_takes_a_preset(tokenizer):
     from moefy.config import DataConfig
     from conftest import tiny_model
 
-    assert moefy.presets.names() == ["balanced", "quarter", "moefication"]
+    assert moefy.presets.names() == ["balanced", "fast", "sketch", "quarter", "moefication"]
     data = DataConfig(source="pydoc", seq_len=32, tokens=2048)
     m = moefy.convert(tiny_model("llama"), preset="moefication", data=data, tokenizer=tokenizer,
                       moe=presets.get("moefication").moe_config(router_steps=20, router_hidden=8))
@@ -125,5 +127,5 @@ def test_python_api_takes_a_preset(tokenizer):
     assert r["moe"]["active_ffn_share"] <= 0.5 and r["tokens"] > 0
     m = moefy.convert(tiny_model("llama"), preset="balanced", data=data, tokenizer=tokenizer)
     assert {layer.spec["expert_size"] for layer in m.layers} == {1}
-    assert {layer.spec["router"]["kind"] for layer in m.layers} == {"sketch"}
+    assert {layer.spec["router"]["kind"] for layer in m.layers} == {"quant"}
     assert m.record["moe"]["refit_down"] == 1.0

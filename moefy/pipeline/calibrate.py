@@ -16,7 +16,7 @@ from moefy.arch import Family
 from moefy import provenance
 from moefy.arch import family_for
 from moefy.config import DataConfig, MoEConfig
-from moefy.errors import OutOfMemory
+from moefy.errors import ConfigError, OutOfMemory
 from moefy.pipeline import data as data_mod
 from moefy.pipeline import distributed
 from moefy.pipeline.group import NEEDS_COACTIVATION
@@ -85,7 +85,11 @@ def calibrate(model, tokenizer, moe: MoEConfig, data: DataConfig, progress: bool
 def calibration_blocks(model, tokenizer, moe: MoEConfig, data: DataConfig) -> torch.Tensor:
     """Check the settings against the model; the calibration token blocks [B, L]."""
     family = family_for(model.config)
-    moe.validate(family.dense_ffn(family.block_list(model)[0], model.config).width)
+    ffn = family.dense_ffn(family.block_list(model)[0], model.config)
+    moe.validate(ffn.width)
+    if moe.router == "quant" and ffn.hidden % 32:
+        raise ConfigError(f"the quant router stores 4-bit groups of 32 input channels; this model's hidden size "
+                          f"{ffn.hidden} is not a multiple of 32: use --router sketch")
     data.validate()
     return data_mod.blocks(data.source, tokenizer, data.seq_len, max_tokens=data.tokens,
                            min_tokens=MIN_CALIB_TOKENS.get(moe.router, data.seq_len))

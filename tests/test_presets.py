@@ -118,7 +118,7 @@ def test_python_api_takes_a_preset(tokenizer):
     from moefy.config import DataConfig
     from conftest import tiny_model
 
-    assert moefy.presets.names() == ["balanced", "fast", "sketch", "quarter", "moefication"]
+    assert moefy.presets.names() == ["balanced", "half", "fast", "sketch", "quarter", "moefication"]
     data = DataConfig(source="pydoc", seq_len=32, tokens=2048)
     m = moefy.convert(tiny_model("llama"), preset="moefication", data=data, tokenizer=tokenizer,
                       moe=presets.get("moefication").moe_config(router_steps=20, router_hidden=8))

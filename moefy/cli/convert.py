@@ -15,13 +15,16 @@ ADV = "Advanced (a preset sets these)"
 
 
 CONVERT_CALIB = typer.Option(None, help="Calibration text: wiki-sample, pydoc, a .txt or .jsonl file, or a mixture with equal shares (wiki-sample+pydoc).")
-CONVERT_PRESET = typer.Option(None, help="Recipe: balanced (the default), quarter, moefication, or a .json preset file; `moefy presets` lists them. Flags below override its settings.")
+CONVERT_PRESET = typer.Option(None, help="Recipe: balanced (the default), half, fast, sketch, quarter, moefication, "
+                                         "or a .json preset file; `moefy presets` lists them with their results. "
+                                         "Flags below override its settings.")
 CONVERT_EXPERT_SIZE = typer.Option(None, help="Neurons per expert (fits any FFN width; 1 = single-neuron experts).")
 CONVERT_EXPERTS = typer.Option(None, help="Expert slots per FFN instead of --expert-size (shared slots included); must divide the FFN width.", rich_help_panel=ADV)
 CONVERT_ACTIVE = typer.Option(None, help="Target share of FFN compute per token, router counted, in (0, 1].")
 CONVERT_METHOD = typer.Option(None, help="Grouping: random, param-kmeans, coactivation.", rich_help_panel=ADV)
-CONVERT_ROUTER = typer.Option(None, help="Router: mlp, sketch (training-free, reads the experts' own weights), "
-    "similarity, representative.", rich_help_panel=ADV)
+CONVERT_ROUTER = typer.Option(None, help="Router: quant (a 4-bit copy of gate and up ranks the neurons), sketch "
+                                         "(reads a share of the experts' own weights), mlp, similarity, "
+                                         "representative.", rich_help_panel=ADV)
 CONVERT_ROUTER_LOSS = typer.Option(None, help="mlp router target: log-norm, norm (D2DMoE) or bce (MoEfication).", rich_help_panel=ADV)
 CONVERT_ROUTER_CHANNELS = typer.Option(None, help="sketch router: share of each token's input channels "
     "(largest |x|) it reads, in (0, 1] (default: 0.8 x "

@@ -28,23 +28,21 @@ def router_spec(kind: str, cfg) -> dict:
         sparsity = cfg.router_sparsity
         reuse = cfg.router_reuse  # a pruned sketch's too: its selected neurons add what it left out
         channels = sketch_channels_for(cfg.active, reuse, sparsity) if auto else cfg.router_channels
-        approx = cfg.router_approx
-        if approx is None:
-            approx = SKETCH_APPROX_DEFAULT if cfg.tau is None else 0.0
-        threshold = cfg.router_threshold
-        if threshold is None:
-            threshold = cfg.tau is None
-        options = {"channels": channels, "auto": auto, "reuse": reuse, "approx": approx, "threshold": threshold}
+        options = {"channels": channels, "auto": auto, "reuse": reuse, **_selection_options(cfg)}
         return {"kind": "sketch", "options": {**options, "sparsity": sparsity} if sparsity else options}
     if kind == "quant":
-        approx = cfg.router_approx
-        if approx is None:
-            approx = SKETCH_APPROX_DEFAULT if cfg.tau is None else 0.0
-        threshold = cfg.router_threshold
-        if threshold is None:
-            threshold = cfg.tau is None
-        return {"kind": "quant", "options": {"bits": 4, "approx": approx, "threshold": threshold}}
+        return {"kind": "quant", "options": {"bits": 4, **_selection_options(cfg)}}
     return {"kind": kind}
+
+
+def _selection_options(cfg) -> dict:
+    """A sketch or quantised router's approx share and thresholds: the defaults with a fixed
+    top-k (SKETCH_APPROX_DEFAULT, thresholds on), none with dynamic-k (tau)."""
+    approx = cfg.router_approx
+    if approx is None:
+        approx = SKETCH_APPROX_DEFAULT if cfg.tau is None else 0.0
+    threshold = cfg.router_threshold
+    return {"approx": approx, "threshold": cfg.tau is None if threshold is None else threshold}
 
 
 @torch.no_grad()

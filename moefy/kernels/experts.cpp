@@ -224,35 +224,66 @@ inline void axpy_gathered(const float* v, const float* const* rows, int64_t coun
 }
 
 // <q4 rows, int8 x> for a neuron's gate and up rows at once (up may be null): G groups of 32, see
-// moefy_q4_hidden. The codes stay unsigned (q + 8): sum (q + 8) x - 8 sum x, with xc[j] = 8 sx[j]
-// sum_k x[32 j + k] per group, so one maddubs per group; two accumulators per row hide the FMA latency.
+// moefy_q4_hidden. The codes stay unsigned (q + 8): sum_k (q_k + 8) x_k - 8 sum_k x_k per group, the
+// second term exact in integers, spread over the group's 8 int32 lanes as xneg[j] = -sum_k x_k each,
+// so a group is one maddubs (AVX2) or half a dpbusd (AVX512-VNNI) and one scaled FMA.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+inline __m512 q4_pair(const uint8_t* q, const float* s, __m512i xv, __m512i init, __m512 sxv, __m512i lanes,
+                      __m512 acc) {
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+  const __m256i lo = _mm256_and_si256(b, low), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
+  __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);  // lo_j lo_j+1 hi_j hi_j+1
+  w = _mm512_shuffle_i64x2(w, w, _MM_SHUFFLE(3, 1, 2, 0));           // lo_j hi_j lo_j+1 hi_j+1
+  const __m512i dp = _mm512_dpbusd_epi32(init, w, xv);
+  const __m128 s2 = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(s)));
+  const __m512 scale = _mm512_mul_ps(_mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(s2)), sxv);
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(dp), scale, acc);
+}
+#endif
+
 inline void q4_dot2(const uint8_t* qa, const float* sa, const uint8_t* qb, const float* sb, const int8_t* x,
-                    const float* sx, const float* xc, int64_t G, float* out) {
+                    const float* sx, const int32_t* xneg, int64_t G, float* out) {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+  if ((G & 1) == 0) {
+    const __m512i lanes = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+    for (int64_t j = 0; j < G; j += 2) {
+      const __m512i xv = _mm512_loadu_si512(x + 32 * j);
+      const __m128 sx2 = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(sx + j)));
+      const __m512 sxv = _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(sx2));
+      const __m512i init = _mm512_permutexvar_epi32(
+          lanes, _mm512_castsi128_si512(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(xneg + j))));
+      a = q4_pair(qa + 16 * j, sa + j, xv, init, sxv, lanes, a);
+      if (qb) b = q4_pair(qb + 16 * j, sb + j, xv, init, sxv, lanes, b);
+    }
+    out[0] = _mm512_reduce_add_ps(a);
+    out[1] = qb ? _mm512_reduce_add_ps(b) : 0.0f;
+    return;
+  }
+#endif
 #if defined(__AVX2__) && defined(__FMA__)
   const __m128i low = _mm_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
-  float ca = 0.0f, cb = 0.0f;
   for (int64_t j = 0; j < G; ++j) {
     const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32 * j));
+    const __m256i off = _mm256_set1_epi32(xneg[j]);
     const __m128i ba = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qa + 16 * j));
     const __m256i wa = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(ba, 4), low), _mm_and_si128(ba, low));
-    const __m256 pa = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wa, xv), ones));
-    const float scale_a = sa[j] * sx[j];
-    ca += sa[j] * xc[j];
-    if (j & 1) a1 = _mm256_fmadd_ps(pa, _mm256_set1_ps(scale_a), a1);
-    else a0 = _mm256_fmadd_ps(pa, _mm256_set1_ps(scale_a), a0);
+    const __m256 pa = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(wa, xv), ones), off));
+    if (j & 1) a1 = _mm256_fmadd_ps(pa, _mm256_set1_ps(sa[j] * sx[j]), a1);
+    else a0 = _mm256_fmadd_ps(pa, _mm256_set1_ps(sa[j] * sx[j]), a0);
     if (qb) {
       const __m128i bb = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qb + 16 * j));
       const __m256i wb = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bb, 4), low), _mm_and_si128(bb, low));
-      const __m256 pb = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wb, xv), ones));
-      cb += sb[j] * xc[j];
+      const __m256 pb = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(wb, xv), ones), off));
       if (j & 1) b1 = _mm256_fmadd_ps(pb, _mm256_set1_ps(sb[j] * sx[j]), b1);
       else b0 = _mm256_fmadd_ps(pb, _mm256_set1_ps(sb[j] * sx[j]), b0);
     }
   }
-  out[0] = hsum(_mm256_add_ps(a0, a1)) - ca;
-  out[1] = qb ? hsum(_mm256_add_ps(b0, b1)) - cb : 0.0f;
+  out[0] = hsum(_mm256_add_ps(a0, a1));
+  out[1] = qb ? hsum(_mm256_add_ps(b0, b1)) : 0.0f;
 #else
   for (int r = 0; r < 2; ++r) {
     const uint8_t* q = r ? qb : qa;
@@ -260,12 +291,12 @@ inline void q4_dot2(const uint8_t* qa, const float* sa, const uint8_t* qb, const
     float acc = 0.0f;
     if (q) {
       for (int64_t j = 0; j < G; ++j) {
-        int32_t sum = 0;
+        int32_t sum = 8 * xneg[j];
         for (int k = 0; k < 16; ++k) {
           const uint8_t b = q[16 * j + k];
           sum += (int32_t)(b & 0x0F) * x[32 * j + k] + (int32_t)(b >> 4) * x[32 * j + 16 + k];
         }
-        acc += (float)sum * s[j] * sx[j] - s[j] * xc[j];
+        acc += (float)sum * s[j] * sx[j];
       }
     }
     out[r] = acc;
@@ -672,7 +703,8 @@ void moefy_q4_hidden(int64_t T, int64_t D, int64_t I, const float* x, const uint
                      const uint8_t* q_up, const float* s_up, const float* b_in, int act, float* h, int threads) {
   const int64_t G = D / 32;
   std::vector<int8_t> xq(T * D);
-  std::vector<float> sx(T * G), xc(T * G);
+  std::vector<float> sx(T * G);
+  std::vector<int32_t> xneg(T * G);
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t j = 0; j < G; ++j) {
       const float* v = x + t * D + j * 32;
@@ -685,7 +717,7 @@ void moefy_q4_hidden(int64_t T, int64_t D, int64_t I, const float* x, const uint
         xq[t * D + j * 32 + k] = (int8_t)std::lrintf(v[k] * inv);
         sum += xq[t * D + j * 32 + k];
       }
-      xc[t * G + j] = 8.0f * scale * (float)sum;  // the codes' offset of 8, times the group's x
+      xneg[t * G + j] = -sum;  // the codes' offset of 8, spread over the group's 8 lanes
     }
   }
 #pragma omp parallel for num_threads(threads) schedule(static) collapse(2) if (T * I > 4096)
@@ -693,7 +725,7 @@ void moefy_q4_hidden(int64_t T, int64_t D, int64_t I, const float* x, const uint
     for (int64_t i = 0; i < I; ++i) {
       float gu[2];
       q4_dot2(q_in + i * (D / 2), s_in + i * G, q_up ? q_up + i * (D / 2) : nullptr, s_up ? s_up + i * G : nullptr,
-              xq.data() + t * D, sx.data() + t * G, xc.data() + t * G, G, gu);
+              xq.data() + t * D, sx.data() + t * G, xneg.data() + t * G, G, gu);
       const float g = activate(gu[0] + (b_in ? b_in[i] : 0.0f), act);
       h[t * I + i] = q_up ? g * gu[1] : g;
     }

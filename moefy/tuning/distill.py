@@ -324,7 +324,11 @@ def _refit_score_quantiles(m: MoEModel, blocks: torch.Tensor, tokens: int = 1024
     """Sketch routers with score thresholds: their quantiles fitted again on the tuned model's own
     layer inputs (the first `tokens` of the tuning data), so that the thresholds keep the budget's
     mean counts with the tuned weights; a pruned sketch's density too (its masks follow the
-    weights). Returns the tokens used (0: nothing to refit)."""
+    weights), and a quantised router's 4-bit copy first (it is a copy of the tuned gate and up).
+    Returns the tokens used (0: nothing to refit)."""
+    for layer in m.layers:
+        if hasattr(layer.router, "quantize_weights"):
+            layer.router.quantize_weights()
     if not any(getattr(layer.router, "grid", None) or getattr(layer.router, "sparsity", 0) for layer in m.layers):
         return 0
     take = blocks[:max(1, math.ceil(tokens / blocks.shape[1]))]

@@ -345,3 +345,17 @@ def test_a_pruned_sketch_measures_its_density_again_after_tuning(tokenizer):
     assert record["score_quantiles_refit_tokens"] > 0
     assert all(torch.equal(a, layer.router.channel_norms) for a, layer in zip(norms, m.layers))
     assert any(not torch.equal(d, layer.router.density) for d, layer in zip(density, m.layers))
+
+
+def test_a_quantised_router_copies_the_tuned_weights(tokenizer):
+    """Tuning changes gate and up: the quantised router's 4-bit copy is made again from them, so
+    its estimate ranks with the weights the experts compute."""
+    from moefy.modeling.router_quant import dequantize
+
+    m = moefy.convert(tiny_model("llama"), moe=MoEConfig(num_experts=64, active=0.5, shared=0.0, router="quant"),
+                      data=DATA, tokenizer=tokenizer)
+    tune(m, cfg(tokens=64 * 6, lr=1e-2))
+    for layer in m.layers:
+        E, n, D = layer.w_in.shape
+        err = dequantize(layer.router.q_in, layer.router.s_in) - layer.w_in.reshape(E * n, D)
+        assert float(err.abs().max()) <= float(layer.router.s_in.max()) / 2 + 1e-6

@@ -16,6 +16,7 @@ app.command()(tune.tune)
 app.command()(evaluate.bench)
 app.command("lm-eval-task")(evaluate.lm_eval_task_cmd)
 app.command()(evaluate.sweep)
+app.command("frontier")(evaluate.frontier_cmd)
 app.command("prune")(prune.prune_cmd)
 app.command()(analyze.report)
 

@@ -198,3 +198,41 @@ def _write_sweep(out, overwrite, loaded, rows, base, data_cfg, header: dict, set
         table = sweep_mod.markdown(rows)
         (tmp / "sweep.md").write_text(table + "\n")
     return table
+
+
+FRONTIER_PRESET = typer.Option(["balanced", "half", "fast", "sketch"], "--preset",
+                               help="Presets to convert and measure; repeat the flag.")
+
+
+def frontier_cmd(
+    out: Path = typer.Option(..., help="Output folder: frontier.json, frontier.png and frontier.md."),
+    model: str = typer.Option("smollm2-135m", help="Local HF folder, .gguf file, or smollm2-135m."),
+    preset: list[str] = FRONTIER_PRESET,
+    calib_tokens: Optional[int] = typer.Option(None, help="Calibration tokens (default: each preset's)."),
+    eval_tokens: int = typer.Option(4096, help="Held-out tokens per domain."),
+    threads: int = typer.Option(1, help="torch threads for the timings."),
+    rounds: int = typer.Option(3, help="Interleaved dense/MoE rounds per timing."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+    verbose: bool = typer.Option(False, "-v", "--verbose"),
+):
+    """The speed frontier: each preset converted, then perplexity on two domains and decode /
+    prefill speed against dense, in one run; a table, a plot and the JSON."""
+    setup_logging(verbose)
+
+    def body():
+        from moefy import io
+        from moefy.eval import frontier as frontier_mod
+
+        io.check_target(out, overwrite)
+        rows = frontier_mod.frontier(model, preset, calib_tokens=calib_tokens, eval_tokens=eval_tokens,
+                                     timing={"threads": threads, "rounds": rounds},
+                                     on_row=lambda r: typer.echo(frontier_mod.markdown([r]).splitlines()[-1], err=True))
+        table = frontier_mod.markdown(rows)
+        with io.staging(out, overwrite, 0) as tmp:
+            io.write_json(tmp / "frontier.json", {"model": model, "versions": io.versions(), "rows": rows})
+            frontier_mod.plot(rows, tmp / "frontier.png", title=f"{Path(model).name}: perplexity vs decode speed")
+            (tmp / "frontier.md").write_text(table + "\n")
+        typer.echo(table)
+        typer.echo(f"saved {out}/frontier.json, frontier.png, frontier.md")
+
+    run_command(body)

@@ -31,6 +31,10 @@ def tiny_config(model_type: str):
         cls = transformers.AutoConfig.for_model(model_type).__class__
         return cls(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, **common)
+    if model_type in ("gemma", "gemma2", "gemma3_text"):
+        cls = transformers.AutoConfig.for_model(model_type).__class__
+        return cls(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=8, max_position_embeddings=256, **common)
     if model_type == "gpt2":
         return transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=256, n_inner=64, **common)
     if model_type == "bert":

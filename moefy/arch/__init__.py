@@ -3,10 +3,11 @@
 from moefy.errors import UnsupportedModel
 from moefy.arch.base import DenseFFN, Family
 from moefy.arch.bert import BERT
+from moefy.arch.gemma import GEMMA
 from moefy.arch.gpt2 import GPT2
 from moefy.arch.llama import LLAMA
 
-FAMILIES: dict[str, Family] = {t: f for f in (LLAMA, GPT2, BERT) for t in f.model_types}
+FAMILIES: dict[str, Family] = {t: f for f in (LLAMA, GEMMA, GPT2, BERT) for t in f.model_types}
 
 
 def family_for(config) -> Family:

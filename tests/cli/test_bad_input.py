@@ -114,7 +114,7 @@ def _gguf(path, arch, tensors=True):
 def test_gguf_we_cannot_load(tmp_path):
     out = tmp_path / "o"
     fails(["convert", "--preset", "moefication", "--model", str(_gguf(tmp_path / "f.gguf", "falcon")), "--out", str(out)],
-          "GGUF architecture 'falcon' is not supported; supported: bert, gpt2, llama", tmp_path, out)
+          "GGUF architecture 'falcon' is not supported; supported: bert, gemma, gemma2, gemma3, gpt2, llama", tmp_path, out)
     fails(["convert", "--preset", "moefication", "--model", str(_gguf(tmp_path / "l.gguf", "llama", tensors=False)), "--out", str(out)],
           "cannot load", tmp_path, out)
     (tmp_path / "t.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 64)

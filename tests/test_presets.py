@@ -94,7 +94,8 @@ def test_convert_refuses_bad_settings_before_loading(tmp_path, tokenizer, monkey
     out = tmp_path / "out"
     for args, message in [(["--preset", "nope"], "unknown preset 'nope'"),
                           (["--experts", "7"], "must divide the FFN width"),
-                          (["--expert-size", "5"], "must divide the FFN width")]:
+                          (["--expert-size", "5"], "must divide the FFN width"),
+                          (["--active", "0.05"], "the quant router alone reads")]:
         r = runner.invoke(app, ["convert", "--model", str(dense), "--out", str(out), *args])
         assert r.exit_code == 2, r.output
         assert r.output.strip().startswith("error:") and message in r.output, r.output

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from moefy.arch import family_for
-from moefy.errors import ModelLoadError, UnsupportedModel
+from moefy.arch import FAMILIES, family_for
+from moefy.errors import ConfigError, ModelLoadError, UnsupportedModel
 
 log = logging.getLogger(__name__)
 
@@ -61,29 +61,52 @@ def _gguf_field(path: Path, key: str, kind: type, reader=None):
     return bytes(part).decode() if kind is str else kind(part[0])
 
 
-def ffn_width(name: str) -> int | None:
-    """The FFN width of the model `name`, read from its config or GGUF header without loading the
-    weights; None where it cannot be told cheaply (the conversion checks it again after loading)."""
+def shape(name: str) -> tuple[str, int, int] | None:
+    """(model_type, hidden size, FFN width) of the model `name`, read from its config or GGUF
+    header without loading the weights; None where it cannot be told cheaply (the conversion
+    checks again after loading)."""
     path = resolve(name)
     if path.is_file() and path.suffix == ".gguf":
         with contextlib.suppress(ModelLoadError, KeyError, IndexError, ValueError):
-            return _gguf_field(path, f"{gguf_architecture(path)}.feed_forward_length", int)
+            arch = gguf_architecture(path)
+            field = lambda key: _gguf_field(path, f"{arch}.{key}", int)  # noqa: E731
+            return GGUF_ARCHS.get(arch, arch), field("embedding_length"), field("feed_forward_length")
         return None
     with contextlib.suppress(OSError, ValueError):
         config = AutoConfig.from_pretrained(path)
+        hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
         width = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
         if width is None and config.model_type == "gpt2":
             width = 4 * config.n_embd
-        return int(width) if width else None
+        return (config.model_type, int(hidden), int(width)) if hidden and width else None
     return None
 
 
+def ffn_width(name: str) -> int | None:
+    """The FFN width of the model `name` without loading it (see shape)."""
+    s = shape(name)
+    return None if s is None else s[2]
+
+
 def check_fits(name: str, moe) -> None:
-    """Refuse an expert split that cannot fit the model's FFN width, before the weights are loaded
-    (moe: a MoEConfig)."""
-    width = ffn_width(name)
-    if width is not None:
-        moe.validate(width)
+    """Refuse settings that cannot fit the model before its weights are loaded (moe: a MoEConfig):
+    an expert split of its FFN width; for the quant router, a hidden size off its groups of 32 and
+    a budget its 4-bit copy alone fills."""
+    s = shape(name)
+    if s is None:
+        return
+    model_type, hidden, width = s
+    moe.validate(width)
+    if moe.router != "quant" or model_type not in FAMILIES:
+        return
+    if hidden % 32:
+        raise ConfigError(f"the quant router stores 4-bit groups of 32 input channels; this model's hidden size "
+                          f"{hidden} is not a multiple of 32: use --router sketch")
+    gu = 2 if FAMILIES[model_type].kind == "swiglu" else 1
+    share = (gu * (hidden / 2 + 4 * hidden / 32) + 4) / (4 * hidden * (gu + 1))  # per neuron, of the fp32 bytes
+    if moe.active is not None and moe.active <= share:
+        raise ConfigError(f"active share {moe.active} leaves no room for a routed expert: the quant router alone "
+                          f"reads {share:.1%} of the FFN's bytes; raise --active")
 
 
 def load(name: str, dtype: torch.dtype = torch.float32) -> LoadedModel:

@@ -67,7 +67,7 @@ BALANCED = Preset(
              refit_down=1.0),
     tune=dict(lr=3e-4, minutes=30.0),
     measured="1.08x dense perplexity on wiki-sample:heldout, 1.10x on pydoc:heldout, 40% of the FFN bytes read; "
-             "decode 1.27x dense, prefill 0.92x (128 tokens) and 1.02x (1,024) dense time, "
+             "decode 1.20x-1.27x dense (two runs), prefill at dense speed (0.92x-1.02x at 128 and 1,024 tokens), "
              "memory 1.06x (SmolLM2-135M, 1 thread, AVX512; BENCHMARKS.md)",
 )
 

@@ -67,9 +67,12 @@ def shape(name: str) -> tuple[str, int, int] | None:
     checks again after loading)."""
     path = resolve(name)
     if path.is_file() and path.suffix == ".gguf":
-        with contextlib.suppress(ModelLoadError, KeyError, IndexError, ValueError):
-            arch = gguf_architecture(path)
-            field = lambda key: _gguf_field(path, f"{arch}.{key}", int)  # noqa: E731
+        from gguf import GGUFReader
+
+        with contextlib.suppress(Exception):  # an unreadable file: load() says so with its reason
+            reader = GGUFReader(str(path))  # the header once: a big file's tensor table takes a while
+            arch = _gguf_field(path, "general.architecture", str, reader)
+            field = lambda key: _gguf_field(path, f"{arch}.{key}", int, reader)  # noqa: E731
             return GGUF_ARCHS.get(arch, arch), field("embedding_length"), field("feed_forward_length")
         return None
     with contextlib.suppress(OSError, ValueError):

@@ -167,21 +167,30 @@ class Kernels:
                         ACT_CODES[act], h.data_ptr(), torch.get_num_threads())
         return h
 
-    def q4_moe(self, args: "LayerArgs", x: torch.Tensor, router, k: int, sketched: int,
-               norms: torch.Tensor, thresholds: tuple[float, float] | None = None) -> tuple[torch.Tensor, int, int]:
+    def q4_moe(self, args: "LayerArgs", router, k: int, sketched: int, norms: torch.Tensor,
+               thresholds: tuple[float, float] | None = None):
         """The whole layer for a quantised router (`router`: its q_in, s_in, q_up, s_up) over
-        one-neuron experts in one call: estimate, scores (|h| x the down rows' `norms`),
-        selection (top `k` exact and the next `sketched`, or by `thresholds`), the exact neurons
-        and the sketched ones (no shared neurons, no b_out). Returns (y, exact, sketched counts)."""
-        y = torch.empty_like(x)
+        one-neuron experts, bound once: a function of x [T, D] (contiguous fp32, few tokens) that
+        runs estimate, scores (|h| x the down rows' `norms`), selection (top `k` exact and the next
+        `sketched`, or by `thresholds`), the exact neurons and the sketched ones (no shared neurons,
+        no b_out) in one call and returns (y, exact, sketched counts). A decode step calls it 30
+        times per token: binding the arguments here saves ~0.1 ms of Python per call."""
         w_in, w_up, b_in, w_out = args.experts_tail[:4]
         thr = None if thresholds is None else torch.tensor(thresholds, dtype=torch.float32)
         counts = torch.zeros(2, dtype=torch.int64)
-        self._q4_moe(x.shape[0], x.shape[1], router.q_in.shape[0], k, sketched, x.data_ptr(), router.q_in.data_ptr(),
-                     router.s_in.data_ptr(), _ptr(router.q_up), _ptr(router.s_up), norms.data_ptr(), _ptr(thr),
-                     w_in, w_up, b_in, w_out, args.experts_tail[-1], y.data_ptr(), counts.data_ptr(),
-                     torch.get_num_threads())
-        return y, int(counts[0]), int(counts[1])
+        weights = (router.q_in.shape[0], k, sketched)
+        pointers = (router.q_in.data_ptr(), router.s_in.data_ptr(), _ptr(router.q_up), _ptr(router.s_up),
+                    norms.data_ptr(), _ptr(thr), w_in, w_up, b_in, w_out, args.experts_tail[-1])
+        call, threads, keep = self._q4_moe, torch.get_num_threads(), (router, norms, thr, args)
+
+        def step(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+            assert keep  # the tensors behind the pointers live as long as the step
+            y = torch.empty_like(x)
+            counts.zero_()
+            call(x.shape[0], x.shape[1], *weights, x.data_ptr(), *pointers, y.data_ptr(), counts.data_ptr(), threads)
+            exact, approx = counts.tolist()
+            return y, exact, approx
+        return step
 
     def sketch_experts(self, args: "LayerArgs", x: torch.Tensor, kept: torch.Tensor, gp: torch.Tensor,
                        upp: torch.Tensor | None, experts: torch.Tensor,

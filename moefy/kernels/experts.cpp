@@ -71,6 +71,30 @@ inline void dots(const float* __restrict x, const float* const* w, int64_t D, fl
 #endif
 }
 
+// dots<R> that also prefetches the R rows `next` (the following call's) while it streams these.
+template <int R>
+inline void dots_prefetch(const float* __restrict x, const float* const* w, const float* const* next, int64_t D,
+                          float* out) {
+#if defined(__AVX512F__)
+  __m512 acc[R];
+  for (int j = 0; j < R; ++j) acc[j] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= D; i += 16) {
+    for (int j = 0; j < R; ++j) _mm_prefetch(reinterpret_cast<const char*>(next[j] + i), _MM_HINT_T0);
+    const __m512 xv = _mm512_loadu_ps(x + i);
+    for (int j = 0; j < R; ++j) acc[j] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w[j] + i), acc[j]);
+  }
+  for (int j = 0; j < R; ++j) {
+    float v = _mm512_reduce_add_ps(acc[j]);
+    for (int64_t k = i; k < D; ++k) v += x[k] * w[j][k];
+    out[j] = v;
+  }
+#else
+  (void)next;
+  dots<R>(x, w, D, out);
+#endif
+}
+
 // Two tokens against the same R rows: each row chunk loaded once feeds both tokens.
 template <int R>
 inline void dots2(const float* __restrict x0, const float* __restrict x1, const float* const* w, int64_t D,
@@ -204,6 +228,39 @@ inline void down_rows(const float* h, const float* const* rows, int64_t count, i
   }
 }
 
+
+// y[0:D] = sum_j h[j] * rows[j][0:D], row after row (each row read front to back, as the hardware
+// prefetcher likes; y stays in L1), eight rows per pass, the next eight prefetched meanwhile.
+inline void down_stream(const float* h, const float* const* rows, int64_t count, int64_t D, float* __restrict y) {
+  std::fill(y, y + D, 0.0f);
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  for (; j + 8 <= count; j += 8) {
+    __m512 hv[8];
+    const float* r[8];
+    for (int k = 0; k < 8; ++k) {
+      hv[k] = _mm512_set1_ps(h[j + k]);
+      r[k] = rows[j + k];
+    }
+    const float* const* next = rows + std::min<int64_t>(j + 8, count - 8);
+    int64_t c = 0;
+    for (; c + 16 <= D; c += 16) {
+      for (int k = 0; k < 8; ++k) _mm_prefetch(reinterpret_cast<const char*>(next[k] + c), _MM_HINT_T0);
+      __m512 a = _mm512_loadu_ps(y + c);
+      for (int k = 0; k < 8; ++k) a = _mm512_fmadd_ps(hv[k], _mm512_loadu_ps(r[k] + c), a);
+      _mm512_storeu_ps(y + c, a);
+    }
+    for (; c < D; ++c)
+      for (int k = 0; k < 8; ++k) y[c] += h[j + k] * r[k][c];
+  }
+#endif
+  for (; j < count; ++j) {
+    const float* a = rows[j];
+    const float v = h[j];
+#pragma omp simd
+    for (int64_t c = 0; c < D; ++c) y[c] += v * a[c];
+  }
+}
 
 // y[lo:hi] += sum_j v[j] * rows[j][lo:hi] for gathered rows, four at a time.
 inline void axpy_gathered(const float* v, const float* const* rows, int64_t count, int64_t lo, int64_t hi,
@@ -772,14 +829,18 @@ void moefy_q4_moe(int64_t T, int64_t D, int64_t I, int64_t K, int64_t KB, const 
     down.clear();
     for (size_t j = 0; j < exact.size(); j += 4) {  // four neurons' gate and up rows per pass over x
       const float* p[8];
+      const float* next[8];
       float g[8];
       const size_t m = std::min<size_t>(4, exact.size() - j);
       for (size_t k = 0; k < 4; ++k) {
         const int64_t i = exact[j + std::min(k, m - 1)];
         p[k] = w_in + i * D;
         p[4 + k] = w_up ? w_up + i * D : w_in + i * D;
+        const int64_t n = exact[std::min(j + 4 + k, exact.size() - 1)];
+        next[k] = w_in + n * D;
+        next[4 + k] = w_up ? w_up + n * D : w_in + n * D;
       }
-      dots<8>(xt, p, D, g);
+      dots_prefetch<8>(xt, p, next, D, g);
       for (size_t k = 0; k < m; ++k) {
         const int64_t i = exact[j + k];
         hv.push_back(activate(g[k] + (b_in ? b_in[i] : 0.0f), act) * (w_up ? g[4 + k] : 1.0f));
@@ -790,7 +851,7 @@ void moefy_q4_moe(int64_t T, int64_t D, int64_t I, int64_t K, int64_t KB, const 
       hv.push_back(ht[i]);
       down.push_back(w_out + i * D);
     }
-    down_rows(hv.data(), down.data(), (int64_t)down.size(), 0, D, y + t * D);
+    down_stream(hv.data(), down.data(), (int64_t)down.size(), D, y + t * D);
   }
 }
 

@@ -29,7 +29,7 @@ class ExpertPaths:
                 torch.is_grad_enabled() and x.requires_grad):
             args = self._kernel_args(kern)
             if args is not None:
-                if ((self._approx_on() or self.thresholded) and not self._sketch_reuse and not self._quant
+                if (not self._quant and not self._sketch_reuse and (self._approx_on() or self.thresholded)
                         and not self._fused_pruned(T)):
                     return self._sparse_approx(x.contiguous(), kern, args)
                 return self._sparse_kernel(kern, args, x.contiguous())
@@ -96,14 +96,13 @@ class ExpertPaths:
         sketch's partial sums over the channels it did not read; sketched experts (approx_k) join
         their down projection. A pruned sketch takes its fused branch too (_fused_pruned), with
         the selected neurons computed from every channel."""
-        kb = self.approx_k if self._approx_on() else 0
-        thresholds = self.thresholds() if self.thresholded else None
         if self._quant and self.tau is None and x.shape[0] <= KERNEL_FUSED_MAX_TOKENS and self.spec["expert_size"] == 1:
-            y, exact, sketched = kern.q4_moe(args, x, self.router, self.top_k, kb, self.router.weights_view()[2],
-                                             thresholds)
+            y, exact, sketched = self._quant_step(kern, args)(x)
             self.experts_selected += exact
             self.sketched_selected += sketched
             return y if self.shared_in is None else y + self._shared(x)
+        kb = self.approx_k if self._approx_on() else 0
+        thresholds = self.thresholds() if self.thresholded else None
         if self._fused_sketch(x.shape[0]):
             t_in, t_up, norms = self.router.weights_view()
             y, exact, sketched = kern.sketch_moe(args, x, self.top_k, self.router.kept, t_in, t_up, norms,
@@ -211,6 +210,23 @@ class ExpertPaths:
             h = self._hidden(x.index_select(0, t), self.w_in[e], up, b)  # [c, n]
             y.index_add_(0, t, h @ self.w_out[e])
         return y
+
+    def _quant_step(self, kern, args):
+        """The quantised router's fused layer call with its arguments bound (kern.q4_moe), remade
+        when what it binds changes: the weights (args), the selection, the router's settings and
+        quantiles, the down rows in place (their norms), the thread count."""
+        r = self.router
+        q = r._buffers.get("quantiles")
+        key = (args, self.top_k, self.oracle, self.router_input, r.approx, r.threshold,
+               None if q is None else (q.data_ptr(), q._version), self._parameters["w_out"]._version,
+               torch.get_num_threads())
+        hit = self.__dict__.get("_quant_bound")
+        if hit is None or hit[0] != key:
+            kb = self.approx_k if self._approx_on() else 0
+            thresholds = self.thresholds() if self.thresholded else None
+            hit = (key, kern.q4_moe(args, r, self.top_k, kb, r.weights_view()[2], thresholds))
+            self.__dict__["_quant_bound"] = hit
+        return hit[1]
 
     def _approx_on(self) -> bool:
         """Whether this forward adds sketched experts (see approx_k)."""

@@ -75,6 +75,36 @@ def test_decode_path_computes_the_selected_experts(approx, threshold, use_kernel
             torch.testing.assert_close(moe(x), y, atol=1e-4, rtol=1e-4)
 
 
+
+def _reference(moe, x):
+    """The selected experts exactly plus the sketched ones through their down rows (torch)."""
+    scores, h = moe.router.norms(x, None, hidden=True)
+    if moe.thresholded:
+        exact, sketched = moe._threshold_masks(scores)
+    else:
+        top = scores.topk(moe.top_k + moe.approx_k, dim=-1).indices
+        exact = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, top[:, :moe.top_k], True)
+        sketched = torch.zeros_like(exact).scatter_(1, top[:, moe.top_k:], True)
+    y = moe.forward_reference(x, exact)
+    return y if sketched is None else y + (h[0] * sketched[0, :, None]).flatten() @ moe.w_out.flatten(0, 1)
+
+
+def test_bound_decode_call_follows_every_change():
+    """The fused call binds its arguments once (MoEFFN._quant_step): a new selection, approx
+    share, thresholds or down rows changed in place must reach the next call."""
+    if compiled._kernels() is None:
+        pytest.skip("no compiled kernels here")
+    _, moe = layer(approx=0.3)
+    x = torch.randn(1, D)
+    with torch.no_grad():
+        changes = [lambda: moe.set_selection(9, None), lambda: moe.set_router_approx(0.1),
+                   lambda: (moe.fit_score_quantiles(torch.randn(256, D)), moe.set_router_threshold(True)),
+                   lambda: moe.w_out[: I // 2].mul_(3.0)]
+        for change in changes:
+            moe(x)
+            change()
+            torch.testing.assert_close(moe(x), _reference(moe, x), atol=1e-4, rtol=1e-4)
+
 def test_every_expert_is_the_dense_ffn():
     f, moe = layer(top_k=I)
     x = torch.randn(3, D)

@@ -66,8 +66,8 @@ BALANCED = Preset(
     moe=dict(num_experts=None, expert_size=1, shared=0.0, active=0.4, router="quant", router_approx=0.16,
              refit_down=1.0),
     tune=dict(lr=3e-4, minutes=30.0),
-    measured="1.08x dense perplexity on wiki-sample:heldout, 1.10x on pydoc:heldout, 40% of the FFN bytes read; "
-             "decode 1.20x-1.27x dense (two runs), prefill at dense speed (0.92x-1.02x at 128 and 1,024 tokens), "
+    measured="1.07x dense perplexity on wiki-sample:heldout, 1.09x on pydoc:heldout, 40% of the FFN bytes read; "
+             "decode 1.35x-1.42x dense (two runs), prefill at dense speed (0.96x-1.07x at 128 and 1,024 tokens), "
              "memory 1.06x (SmolLM2-135M, 1 thread, AVX512; BENCHMARKS.md)",
 )
 
@@ -82,7 +82,7 @@ FAST = dataclasses.replace(
     BALANCED, name="fast", summary="the balanced recipe at 30% of the FFN's bytes",
     moe={**BALANCED.moe, "active": 0.3},
     measured="1.19x dense perplexity on wiki-sample:heldout, 1.22x on pydoc:heldout, 30% of the FFN bytes read; "
-             "decode 1.30x dense, prefill 1.02x / 0.98x dense time, memory 1.06x",
+             "decode 1.35x dense, prefill 1.02x-1.07x / 0.98x-1.08x dense time, memory 1.06x",
 )
 
 # The previous default: the sketch router reads the largest 60% of each token's input channels of

@@ -67,9 +67,11 @@ def bench(
     router_approx: Optional[float] = ROUTER_APPROX,
     router_reuse: Optional[bool] = ROUTER_REUSE,
     router_threshold: Optional[bool] = ROUTER_THRESHOLD,
+    lean: bool = typer.Option(False, help="Also decode with a static KV cache, both models (decode_lean)."),
     overwrite: bool = typer.Option(False, help="Replace an existing --output-json file."),
 ):
-    """Dense vs MoE wall-clock: FFN stacks (batch 1, prefill), greedy decode tokens/s, prefill, memory."""
+    """Dense vs MoE wall-clock: FFN stacks (batch 1, prefill), greedy decode tokens/s, prefill,
+    where a decode step's time goes, memory."""
     setup_logging(False)
 
     def body():
@@ -87,13 +89,13 @@ def bench(
         blocks = data_mod.blocks(data, m.tokenizer, seq, max_tokens=8 * seq, min_tokens=8 * seq)
         result = bench_mod.run(m, blocks, input_len=input_len, output_len=output_len, batch_size=batch_size,
                                warmup=num_iters_warmup, iters=num_iters, rounds=rounds, threads=threads,
-                               prefill_tokens=prefill_tokens, prefill_layers=prefill_layers)
+                               prefill_tokens=prefill_tokens, prefill_layers=prefill_layers, lean=lean)
         typer.echo(json.dumps(result, indent=1))
         if output_json is not None:
             write_json(output_json, result, run=run_info_for(m.record, "bench", run, {
                 "data": data, "input_len": input_len, "output_len": output_len, "batch_size": batch_size,
                 "threads": threads, "prefill_tokens": prefill_tokens, "prefill_layers": prefill_layers,
-                "active": active}))
+                "active": active, "lean": lean}))
 
     run_command(body)
 

@@ -28,6 +28,7 @@ from torch import nn
 from moefy.model import MoEModel
 from moefy.errors import MoefyError
 from moefy.eval.evaluate import EXECUTED_KEYS, compute
+from moefy.eval.step import lean_generate, step_breakdown, supports_static_cache
 from moefy.modeling.activations import ACTIVATIONS
 from moefy.modeling.moe_layer import MoEFFN
 
@@ -149,10 +150,13 @@ def bench_ffn(m: MoEModel, inputs, tokens: int, layers: int | None, **timing) ->
 
 
 @torch.no_grad()
-def bench_model(m: MoEModel, dense_model, prompt: torch.Tensor, output_len: int, warmup: int, iters: int) -> dict:
+def bench_model(m: MoEModel, dense_model, prompt: torch.Tensor, output_len: int, warmup: int, iters: int,
+                lean: bool = False) -> dict:
     """Greedy generation with the KV cache under plain HF `generate`, and prefill latency. The
     decode speedup is per new token, the prompt excluded: each round's generate time less the
-    median prefill time of its side, dense over MoE (the median of the rounds' ratios)."""
+    median prefill time of its side, dense over MoE (the median of the rounds' ratios). With
+    `lean`, the same again with a static KV cache for both models (step.lean_generate) as
+    "decode_lean", where the family supports one."""
     def generate(model):
         return lambda: model.generate(prompt, max_new_tokens=output_len, min_new_tokens=output_len,
                                       do_sample=False, use_cache=True, pad_token_id=0)
@@ -160,6 +164,15 @@ def bench_model(m: MoEModel, dense_model, prompt: torch.Tensor, output_len: int,
     w = dict(warmup=warmup, rounds=iters, iters=1)
     gen = compare(generate(dense_model), generate(m.model), **w)
     pre = bench_prefill(m, dense_model, prompt, warmup=max(1, warmup), rounds=iters)
+    result = {"decode": _decode_summary(gen, pre, prompt, output_len), "prefill": _prefill_summary(pre, prompt)}
+    if lean and supports_static_cache(m.model):
+        static = lambda model: lambda: lean_generate(model, prompt, output_len)  # noqa: E731
+        result["decode_lean"] = {**_decode_summary(compare(static(dense_model), static(m.model), **w), pre, prompt,
+                                                   output_len), "cache": "static"}
+    return result
+
+
+def _decode_summary(gen: "Timing", pre: "Timing", prompt: torch.Tensor, output_len: int) -> dict:
     new = output_len * prompt.shape[0]
     p_dense, p_moe = statistics.median(pre.dense), statistics.median(pre.moe)
     dense_step = [max(g - p_dense, 1e-9) / new for g in gen.dense]
@@ -171,7 +184,7 @@ def bench_model(m: MoEModel, dense_model, prompt: torch.Tensor, output_len: int,
               "speedup": statistics.median(d / m_ for d, m_ in zip(dense_step, moe_step)),
               "speedup_with_prompt": statistics.median(d / m_ for d, m_ in zip(gen.dense, gen.moe)),
               "input_len": prompt.shape[1], "output_len": output_len, "batch_size": prompt.shape[0]}
-    return {"decode": decode, "prefill": _prefill_summary(pre, prompt)}
+    return decode
 
 
 def bench_prefill(m: MoEModel, dense_model, prompt: torch.Tensor, warmup: int, rounds: int) -> Timing:
@@ -200,9 +213,10 @@ def environment(threads: int) -> dict:
 
 def run(m: MoEModel, blocks: torch.Tensor, *, input_len: int, output_len: int, batch_size: int, warmup: int,
         iters: int, rounds: int, threads: int, prefill_tokens: int, prefill_layers: int,
-        long_prompt: int = 1024) -> dict:
+        long_prompt: int = 1024, lean: bool = False) -> dict:
     """The whole benchmark: FFN stacks at batch 1 and prefill size, model decode and prefill (at
-    the prompt length and at `long_prompt` tokens), memory, and the cost the decode path executes."""
+    the prompt length and at `long_prompt` tokens), where a decode step's time goes (step), memory,
+    and the cost the decode path executes; with `lean`, decode with a static KV cache too."""
     torch.set_num_threads(threads)
     load_before = os.getloadavg()[0]
     with m.all_experts():
@@ -215,8 +229,10 @@ def run(m: MoEModel, blocks: torch.Tensor, *, input_len: int, output_len: int, b
     dense_model = dense_twin(m)
     for layer in m.layers:
         layer.reset_counters()
-    result.update(bench_model(m, dense_model, prompt, output_len, warmup=1, iters=rounds))
+    result.update(bench_model(m, dense_model, prompt, output_len, warmup=1, iters=rounds, lean=lean))
     cost = compute(m)  # measured over the generation runs
+    if m.model.can_generate():
+        result["step"] = {"dense": step_breakdown(dense_model, prompt[:1]), "moe": step_breakdown(m.model, prompt[:1])}
     result["active_ffn_share"] = cost["active_ffn_share"]  # the counted FLOP share of earlier versions
     result["executed"] = {k: cost[k] for k in EXECUTED_KEYS}
     long = blocks.flatten()[:long_prompt][None]

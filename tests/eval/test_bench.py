@@ -40,7 +40,7 @@ def test_bench_cli_json(tokenizer, tmp_path):
     r = CliRunner().invoke(app, ["bench", str(path), "--output-json", str(out), "--data", "pydoc:heldout",
                                  "--input-len", "16", "--output-len", "4", "--num-iters-warmup", "1",
                                  "--num-iters", "2", "--rounds", "2", "--prefill-tokens", "64",
-                                 "--prefill-layers", "2"])
+                                 "--prefill-layers", "2", "--lean"])
     assert r.exit_code == 0, r.output
     import json
 
@@ -50,3 +50,18 @@ def test_bench_cli_json(tokenizer, tmp_path):
     assert {"dense_tok_s", "moe_tok_s", "speedup"} <= set(res["decode"])
     assert res["threads"] == 1 and 0 < res["active_ffn_share"] <= 0.5 + 1e-9
     assert res["ffn_batch1"]["mean_k"] > 0
+    for side in ("dense", "moe"):  # where a decode step's time goes
+        ms = res["step"][side]["ms"]
+        assert ms["total"] > 0 and min(ms["attention"], ms["ffn"], ms["head"]) > 0
+        assert abs(sum(res["step"][side]["share"].values()) - 1) < 1e-6
+    assert res["decode_lean"]["cache"] == "static" and res["decode_lean"]["speedup"] > 0
+
+
+def test_step_parts_find_each_module_once(tokenizer):
+    from moefy.eval.step import _parts
+
+    m = converted(tokenizer)
+    for model in (m.model, bench.dense_twin(m)):
+        parts = _parts(model)
+        n = model.config.num_hidden_layers
+        assert len(parts["ffn"]) == n and len(parts["attention"]) == n and len(parts["head"]) == 1

@@ -11,7 +11,10 @@ from moefy.cli.common import ROUTER_APPROX, ROUTER_CHANNELS, ROUTER_REUSE, ROUTE
 from moefy.errors import ConfigError
 
 TUNE_MINUTES = typer.Option(30.0, help="Wall-clock budget in minutes (with --tokens: whichever ends first).")
-TUNE_TRAIN = typer.Option("ffn", help="What learns: ffn (experts and shared neurons) or all (also attention, norms).")
+TUNE_TRAIN = typer.Option("ffn", help="What learns: ffn (experts and shared neurons), down (their down rows only: "
+    "a third of the gradients and optimizer state, for models too big for ffn) or all (also attention, norms).")
+TUNE_RECOMPUTE = typer.Option(False, help="Gradient checkpointing: recompute each decoder block in the backward "
+    "pass instead of keeping its activations (less memory, slower steps).")
 TUNE_ROUTERS = typer.Option(None, "--routers/--no-routers", help="Also refit the MLP routers online to the "
     "tuned experts' output norms on the tuned model's own inputs (default: on "
     "when every router is a trained mlp).")
@@ -48,6 +51,7 @@ def tune(
     seed: int = typer.Option(0, help="Seeds the data order."),
     precision: str = TUNE_PRECISION,
     hidden_loss: float = TUNE_HIDDEN_LOSS,
+    recompute: bool = TUNE_RECOMPUTE,
     evaluate: bool = TUNE_EVALUATE,
     eval_data: str = typer.Option("wiki-sample:heldout", help="Held-out text for --eval."),
     eval_tokens: int = typer.Option(8192, help="Held-out tokens for --eval."),
@@ -60,7 +64,7 @@ def tune(
 
     cfg = dict(data=data, seq_len=seq_len, batch_size=batch_size, minutes=minutes, tokens=tokens, lr=lr, train=train,
                other_lr=other_lr, routers=routers, router_lr=router_lr, checkpoint_minutes=checkpoint_minutes,
-               seed=seed, precision=precision, hidden_loss=hidden_loss)
+               seed=seed, precision=precision, hidden_loss=hidden_loss, recompute=recompute)
     overrides = dict(active=active, tau=tau, router_channels=router_channels, router_approx=router_approx,
                      router_reuse=router_reuse, router_threshold=router_threshold)
     evaluation = dict(data=eval_data, tokens=eval_tokens, json_out=json_out) if evaluate else None

@@ -227,7 +227,12 @@ class MoEFFN(FlopCount, ExpertPaths, nn.Module):
         (gradients flow through the selected experts only)."""
         start = self.spec.get("dense_prompt_from")
         return (start is not None and x.shape[0] >= start and not self.sparse_only and not self.oracle
-                and not (torch.is_grad_enabled() and self.w_in.requires_grad))
+                and not self._learning())
+
+    def _learning(self) -> bool:
+        """Whether this call trains the experts' weights (recovery tuning: all of them, or the down
+        rows alone), so it must take the masked path that carries their gradients."""
+        return torch.is_grad_enabled() and (self.w_in.requires_grad or self.w_out.requires_grad)
 
     def set_dense_prompt_from(self, tokens: int | None):
         """Calls of at least `tokens` tokens take the dense FFN (None: never); kept in the saved spec."""

@@ -22,7 +22,7 @@ class ExpertPaths:
 
     def _sparse(self, x):
         T = x.shape[0]
-        if torch.is_grad_enabled() and self.w_in.requires_grad:
+        if self._learning():
             return self._masked(x)
         kern = _kernels()
         if kern is not None and x.dtype == torch.float32 and x.device.type == "cpu" and not (

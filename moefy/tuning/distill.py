@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -56,6 +57,9 @@ log = logging.getLogger(__name__)
 TRAINABLE = {
     # experts and shared neurons of every MoE layer
     "ffn": ("w_in", "w_up", "b_in", "w_out", "shared_in", "shared_up", "shared_b_in", "shared_out"),
+    # their down rows alone: a third of the FFN's weights, so a third of the gradients and
+    # optimizer state (a 1.5B model's whole FFN tuning does not fit in 24 GB)
+    "down": ("w_out", "shared_out"),
 }
 
 
@@ -68,7 +72,8 @@ class TuneConfig:
     tokens: int | None = None        # token budget (None: minutes only)
     lr: float = 3e-4                 # peak AdamW learning rate (3e-4 beat 1e-4 at 20 steps, BENCHMARKS.md)
     warmup: int = 10                 # linear warm-up steps
-    train: str = "ffn"               # "ffn": experts + shared neurons; "all": also attention and norms
+    train: str = "ffn"               # "ffn": experts + shared neurons; "down": their down rows only;
+                                     # "all": also attention and norms
     other_lr: float | None = None    # peak learning rate of attention and norms with train="all"
                                      # (None: lr; at 25% lr 1e-3 on them was worse than not training them)
     routers: bool | None = None      # refit MLP routers online to the tuned experts' output norms
@@ -78,6 +83,8 @@ class TuneConfig:
     seed: int = 0                    # data order
     precision: str = "auto"          # "fp32", "bf16" (autocast; fp32 master weights) or "auto" (bf16 where
                                      # the device runs it fast: resolve_precision)
+    recompute: bool = False          # gradient checkpointing: keep only each decoder block's input and
+                                     # recompute the block in the backward pass (less memory, ~1.3x time)
     hidden_loss: float = 0.0         # weight of the hidden-state term: every layer's output matched to the
                                      # teacher's, token by token (relative squared error, mean over layers)
 
@@ -89,8 +96,8 @@ class TuneConfig:
         if self.tokens is not None and self.tokens < self.seq_len * self.batch_size:
             raise ConfigError(f"tokens ({self.tokens}) must cover at least one step of "
                               f"{self.batch_size} blocks x {self.seq_len} tokens")
-        if self.train not in ("ffn", "all"):
-            raise ConfigError(f"unknown --train {self.train!r}; choose ffn or all")
+        if self.train not in ("ffn", "down", "all"):
+            raise ConfigError(f"unknown --train {self.train!r}; choose ffn, down or all")
         if not 0 < self.lr < 1 or not 0 < self.router_lr < 1:
             raise ConfigError(f"learning rates must be in (0, 1), got {self.lr} and {self.router_lr} (routers)")
         if self.other_lr is not None:
@@ -157,7 +164,7 @@ def trainable_parameters(m: MoEModel, what: str) -> dict[str, torch.nn.Parameter
     (routers never learn from the distillation loss, since top-k passes no gradient: with
     cfg.routers they learn their own objective, _RouterFit; the head and embeddings are most of
     a small model's weights and are not where the MoE error is)."""
-    ffn_ids = _ffn_parameter_ids(m)
+    ffn_ids = _ffn_parameter_ids(m, "down" if what == "down" else "ffn")
     out = {}
     for name, p in m.model.named_parameters():
         if id(p) in ffn_ids:
@@ -168,9 +175,9 @@ def trainable_parameters(m: MoEModel, what: str) -> dict[str, torch.nn.Parameter
     return out
 
 
-def _ffn_parameter_ids(m: MoEModel) -> set[int]:
-    """ids of the experts' and shared neurons' parameters (TRAINABLE["ffn"]) of every MoE layer."""
-    return {id(getattr(layer, n)) for layer in m.layers for n in TRAINABLE["ffn"] if getattr(layer, n) is not None}
+def _ffn_parameter_ids(m: MoEModel, what: str = "ffn") -> set[int]:
+    """ids of the experts' and shared neurons' parameters (TRAINABLE[what]) of every MoE layer."""
+    return {id(getattr(layer, n)) for layer in m.layers for n in TRAINABLE[what] if getattr(layer, n) is not None}
 
 
 def fingerprint(m: MoEModel, cfg: TuneConfig, blocks: torch.Tensor) -> str:
@@ -186,6 +193,8 @@ def fingerprint(m: MoEModel, cfg: TuneConfig, blocks: torch.Tensor) -> str:
         del settings["other_lr"]
     if not settings["hidden_loss"]:
         del settings["hidden_loss"]
+    if not settings["recompute"]:
+        del settings["recompute"]
     h.update(json.dumps(settings, sort_keys=True).encode())
     h.update(blocks.numpy().tobytes())
     return h.hexdigest()[:16]
@@ -200,6 +209,7 @@ def tune(m: MoEModel, cfg: TuneConfig = TuneConfig(), checkpoint: str | os.PathL
     cfg = _checked(m, cfg)
     blocks = data_mod.blocks(cfg.data, m.tokenizer, cfg.seq_len, min_tokens=cfg.seq_len * cfg.batch_size)
     fp = fingerprint(m, cfg, blocks)
+    check_memory(m, cfg)
     teacher = _teacher(m)
     params, opt = _optimizer(m, cfg)
     state = {"step": 0, "tokens": 0, "seconds": 0.0, "losses": [], "router_losses": [], "hidden_losses": []}
@@ -212,8 +222,9 @@ def tune(m: MoEModel, cfg: TuneConfig = TuneConfig(), checkpoint: str | os.PathL
     fit = _RouterFit(m.layers) if cfg.routers else None
     m.model.train(False)  # no dropout: the student must match inference
     try:
-        _loop(m, teacher, blocks, cfg, opt, fit, state, progress, on_step,
-              save=None if ckpt is None else lambda: _save(ckpt, fp, cfg, params, opt, state))
+        with _recomputed(m, cfg.recompute):
+            _loop(m, teacher, blocks, cfg, opt, fit, state, progress, on_step,
+                  save=None if ckpt is None else lambda: _save(ckpt, fp, cfg, params, opt, state))
     finally:
         if fit is not None:
             fit.remove()
@@ -243,6 +254,72 @@ def _checked(m: MoEModel, cfg: TuneConfig) -> TuneConfig:
         raise ConfigError(f"refitting routers while tuning needs trained mlp routers; this model has "
                           f"{', '.join(sorted(kinds))} (convert with --router mlp, or tune without --routers)")
     return cfg
+
+
+def memory_needed(m: MoEModel, cfg: TuneConfig) -> dict[str, int]:
+    """Bytes tuning holds, by what holds them: the student, the teacher (a copy of the dense
+    model), gradients and AdamW's two moments of the trained weights (fp32), and the activations
+    kept for the backward pass (every layer's, or with cfg.recompute each block's input alone)
+    plus the two models' logits."""
+    size = lambda ps: sum(p.numel() * p.element_size() for p in ps)  # noqa: E731
+    trained = size(trainable_parameters(m, cfg.train).values())
+    student = size(m.model.parameters()) + size(m.model.buffers())
+    teacher = size(p for n, p in m.model.named_parameters() if ".router." not in n)
+    c = m.model.config
+    tokens = cfg.batch_size * cfg.seq_len
+    hidden, layers = c.hidden_size, len(m.layers)
+    ffn = m.layers[0].w_in.shape[0] * m.layers[0].w_in.shape[1]
+    per_layer = tokens * 4 * (8 * hidden + 4 * ffn)  # attention and FFN intermediates, fp32, roughly
+    saved = tokens * 4 * hidden * layers + per_layer if cfg.recompute else per_layer * layers
+    logits = 4 * tokens * c.vocab_size * 4  # student and teacher logits and their log-softmax
+    return {"student": student, "teacher": teacher, "gradients and optimizer": 3 * trained,
+            "activations": saved + logits}
+
+
+def available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(m: MoEModel, cfg: TuneConfig, available: int | None = None):
+    """Refuse, before any work, a tuning run that cannot fit in the free memory (CPU), saying
+    which settings shrink it."""
+    if next(m.model.parameters()).device.type != "cpu":
+        return
+    available = available_memory() if available is None else available
+    need = memory_needed(m, cfg)
+    if available is None or sum(need.values()) <= available:
+        return
+    parts = ", ".join(f"{k} {v / 2**30:.1f}" for k, v in need.items())
+    hints = [h for h, on in (("--train down", cfg.train != "down"), ("--recompute", not cfg.recompute),
+                             ("a smaller --batch-size", cfg.batch_size > 1)) if on]
+    raise ConfigError(f"tuning needs about {sum(need.values()) / 2**30:.1f} GB ({parts}) but "
+                      f"{available / 2**30:.1f} GB are free" + (f"; try {', '.join(hints)}" if hints else ""))
+
+
+@contextlib.contextmanager
+def _recomputed(m: MoEModel, on: bool):
+    """With `on`, every decoder block runs under activation checkpointing (torch.utils.checkpoint,
+    non-reentrant): its inputs are kept, its insides recomputed in the backward pass."""
+    if not on:
+        yield
+        return
+    blocks = m.model.get_submodule(m.family.blocks_path(m.model))
+    for block in blocks:
+        forward = block.forward
+        block.forward = lambda *a, _f=forward, **k: torch.utils.checkpoint.checkpoint(_f, *a, use_reentrant=False, **k)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward  # the class's forward again
 
 
 def _optimizer(m: MoEModel, cfg: TuneConfig):

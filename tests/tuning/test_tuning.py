@@ -359,3 +359,37 @@ def test_a_quantised_router_copies_the_tuned_weights(tokenizer):
         E, n, D = layer.w_in.shape
         err = dequantize(layer.router.q_in, layer.router.s_in) - layer.w_in.reshape(E * n, D)
         assert float(err.abs().max()) <= float(layer.router.s_in.max()) / 2 + 1e-6
+
+
+def test_down_rows_alone_learn_with_train_down(converted, base):
+    """--train down: only the experts' and shared neurons' down rows change, and the masked path
+    carries their gradients (the gate and up rows do not require grad)."""
+    down = trainable_parameters(base, "down")
+    assert down and all(n.endswith(("w_out", "shared_out")) for n in down)
+    tune(converted, cfg(train="down", routers=False))
+    delta = {n: (a - b).abs().max().item() for (n, a), (_, b)
+             in zip(converted.model.named_parameters(), base.model.named_parameters())}
+    assert max(delta[n] for n in down) > 1e-3
+    assert all(v == 0 for n, v in delta.items() if n not in down)
+
+
+def test_recompute_gives_the_same_steps(base):
+    """Gradient checkpointing recomputes each block in the backward pass: the same updates, and
+    the blocks' own forward again afterwards."""
+    plain, again = copy.deepcopy(base), copy.deepcopy(base)
+    tune(plain, cfg(tokens=64 * 3, routers=False, precision="fp32"))
+    tune(again, cfg(tokens=64 * 3, routers=False, precision="fp32", recompute=True))
+    for (n, a), (_, b) in zip(plain.model.named_parameters(), again.model.named_parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=n)
+    blocks = again.model.get_submodule(again.family.blocks_path(again.model))
+    assert all("forward" not in vars(block) for block in blocks)
+
+
+def test_a_run_that_cannot_fit_is_refused_before_any_work(converted):
+    need = tuning.memory_needed(converted, cfg())
+    assert need["gradients and optimizer"] == 3 * sum(p.numel() * 4 for p in trainable_parameters(converted, "ffn").values())
+    small = tuning.memory_needed(converted, cfg(train="down", recompute=True, batch_size=1))
+    assert small["gradients and optimizer"] < need["gradients and optimizer"] and small["activations"] < need["activations"]
+    with pytest.raises(ConfigError, match="--train down, --recompute, a smaller --batch-size"):
+        tuning.check_memory(converted, cfg(), available=sum(need.values()) - 1)
+    tuning.check_memory(converted, cfg(), available=sum(need.values()))

@@ -116,7 +116,24 @@ MOEFICATION = Preset(
              "time (the fastest path today) but perplexity is 3x-22x dense",
 )
 
-PRESETS = {p.name: p for p in (BALANCED, HALF, FAST, SKETCH, QUARTER, MOEFICATION)}
+# TEAL (Liu et al., ICLR 2025) as moefy's paths run it: training-free activation sparsity. Per
+# token, gate and up read only the half of the input channels of largest |x| (from a column-major
+# copy of gate and up: one contiguous row per kept channel), and the down projection reads only
+# the neurons whose activation, estimated from those channels, contributes most (|h| x ||w_down||
+# over a per-layer threshold fitted on calibration text); 10% of the budget recomputes the best
+# neurons exactly. Against TEAL itself: the top half of channels per token instead of a magnitude
+# threshold (the same mean count), WINA-style scores on the down side, FFNs only (not attention),
+# and the column-major copy kept beside the row-major weights (which prompts use).
+TEAL = Preset(
+    name="teal",
+    summary="TEAL-style activation sparsity, training-free: half of each token's input channels, then the "
+            "neurons they predict largest; 50% of FFN bytes",
+    moe=dict(num_experts=None, expert_size=1, shared=0.0, active=0.5, router="sketch", router_channels=0.5,
+             router_approx=0.9),
+    measured="see BENCHMARKS.md (the frontier's TEAL row)",
+)
+
+PRESETS = {p.name: p for p in (BALANCED, HALF, FAST, SKETCH, QUARTER, MOEFICATION, TEAL)}
 DEFAULT = BALANCED.name
 
 

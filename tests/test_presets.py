@@ -119,7 +119,7 @@ def test_python_api_takes_a_preset(tokenizer):
     from moefy.config import DataConfig
     from conftest import tiny_model
 
-    assert moefy.presets.names() == ["balanced", "half", "fast", "sketch", "quarter", "moefication"]
+    assert moefy.presets.names() == ["balanced", "half", "fast", "sketch", "quarter", "moefication", "teal"]
     data = DataConfig(source="pydoc", seq_len=32, tokens=2048)
     m = moefy.convert(tiny_model("llama"), preset="moefication", data=data, tokenizer=tokenizer,
                       moe=presets.get("moefication").moe_config(router_steps=20, router_hidden=8))
@@ -130,3 +130,20 @@ def test_python_api_takes_a_preset(tokenizer):
     assert {layer.spec["expert_size"] for layer in m.layers} == {1}
     assert {layer.spec["router"]["kind"] for layer in m.layers} == {"quant"}
     assert m.record["moe"]["refit_down"] == 1.0
+
+
+def test_teal_preset_is_input_sparsity_with_the_down_side_from_estimates(tokenizer):
+    """teal: gate and up from half of each token's input channels (an unpruned sketch, read in
+    full), nearly all of the budget through the sketched activations, at half the FFN's bytes."""
+    import moefy
+    from moefy.config import DataConfig
+    from conftest import tiny_model
+
+    data = DataConfig(source="pydoc", seq_len=32, tokens=2048)
+    m = moefy.convert(tiny_model("llama"), preset="teal", data=data, tokenizer=tokenizer)
+    for layer in m.layers:
+        r = layer.router
+        assert type(r).__name__ == "SketchRouter" and r.sparsity == 0 and r.kept == layer.spec["hidden"] // 2
+        assert layer.thresholded and layer.approx_k > 5 * layer.top_k
+    res = moefy.evaluate(m, "pydoc:heldout")
+    assert 0.4 <= res["moe"]["executed"]["executed_bytes_share"] <= 0.55, res["moe"]["executed"]

@@ -202,7 +202,7 @@ def _write_sweep(out, overwrite, loaded, rows, base, data_cfg, header: dict, set
     return table
 
 
-FRONTIER_PRESET = typer.Option(["balanced", "half", "fast", "sketch"], "--preset",
+FRONTIER_PRESET = typer.Option(["balanced", "half", "fast", "teal", "sketch"], "--preset",
                                help="Presets to convert and measure; repeat the flag.")
 
 

@@ -7,7 +7,16 @@ from typing import Optional
 
 import typer
 
-from moefy.cli.common import open_run, run_command, run_info_for, setup_logging, write_plot
+from moefy.cli.common import (
+    OVERWRITE_FILES,
+    OVERWRITE_OUT,
+    VERBOSE,
+    open_run,
+    run_command,
+    run_info_for,
+    setup_logging,
+    write_plot,
+)
 from moefy.errors import ConfigError
 
 def wasserstein_cmd(
@@ -23,7 +32,7 @@ def wasserstein_cmd(
     sparsity: float = typer.Option(0.9, help="Experiment: sparsity of the chosen neurons' input rows (SparseGPT)."),
     eval_data: str = typer.Option("wiki-sample:heldout", help="Experiment: held-out text."),
     eval_tokens: int = typer.Option(8192, help="Experiment: held-out tokens."),
-    overwrite: bool = typer.Option(False, help="Replace existing --json / --plot files."),
+    overwrite: bool = OVERWRITE_FILES,
 ):
     """Wasserstein neurons: W1 distance of every FFN neuron's output distribution to a Gaussian."""
     setup_logging(False)
@@ -75,7 +84,7 @@ def consistency_cmd(
     tau: Optional[float] = typer.Option(None, help="Override with dynamic-k at this threshold."),
     json_out: Path = typer.Option(Path("runs/consistency.json"), "--json", help="Per-layer SRP and SCH (JSON)."),
     plot_out: Path = typer.Option(Path("runs/consistency.png"), "--plot", help="The plot (PNG)."),
-    overwrite: bool = typer.Option(False, help="Replace existing --json / --plot files."),
+    overwrite: bool = OVERWRITE_FILES,
 ):
     """Local routing consistency (moe-lrc): SRP and SCH per layer and segment length."""
     setup_logging(False)
@@ -111,7 +120,7 @@ def specialisation_cmd(
     tau: Optional[float] = typer.Option(None, help="Override with dynamic-k at this threshold."),
     json_out: Path = typer.Option(Path("runs/specialisation.json"), "--json", help="Per-layer usage and overlap (JSON)."),
     plot_out: Path = typer.Option(Path("runs/specialisation.png"), "--plot", help="The plot (PNG)."),
-    overwrite: bool = typer.Option(False, help="Replace existing --json / --plot files."),
+    overwrite: bool = OVERWRITE_FILES,
 ):
     """Which experts two text domains use per layer, their overlap, and how it changes with depth."""
     setup_logging(False)
@@ -154,8 +163,8 @@ def report(
     consistency_json: Optional[Path] = typer.Option(None, "--consistency", help="A `moefy analyze consistency` JSON."),
     specialisation_json: Optional[Path] = typer.Option(None, "--specialisation",
                                                        help="A `moefy analyze specialisation` JSON."),
-    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
-    verbose: bool = typer.Option(False, "-v", "--verbose"),
+    overwrite: bool = OVERWRITE_OUT,
+    verbose: bool = VERBOSE,
 ):
     """One page on a converted model: report.md with its PNGs, and a self-contained report.html."""
     setup_logging(verbose)

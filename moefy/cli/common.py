@@ -22,6 +22,17 @@ def run_command(fn):
         raise typer.Exit(130)
 
 
+# Options many commands share (one declaration, one help text).
+VERBOSE = typer.Option(False, "-v", "--verbose", help="Log each stage's progress.")
+OVERWRITE_OUT = typer.Option(False, help="Replace an existing output folder.")
+RESULT_JSON = typer.Option(None, "--json", help="Write the result as JSON here.")
+OVERWRITE_FILES = typer.Option(False, help="Replace existing --json / --plot files.")
+OVERWRITE_JSON = typer.Option(False, help="Replace an existing --json file.")
+EVAL_JSON = typer.Option(None, "--json", help="Write the evaluation as JSON here.")
+EVAL_TOKENS = typer.Option(8192, help="Held-out tokens for --eval.")
+EVAL_DATA = typer.Option("wiki-sample:heldout", help="Held-out text for --eval.")
+THREADS = typer.Option(1, help="torch threads.")
+
 ROUTER_CHANNELS = typer.Option(None, help="Override a sketch router's share of input channels (applied before --active).")
 
 

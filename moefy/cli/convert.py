@@ -8,7 +8,17 @@ from typing import Optional
 
 import typer
 
-from moefy.cli.common import report_eval, run_command, run_info_for, setup_logging
+from moefy.cli.common import (
+    EVAL_DATA,
+    EVAL_JSON,
+    EVAL_TOKENS,
+    OVERWRITE_OUT,
+    VERBOSE,
+    report_eval,
+    run_command,
+    run_info_for,
+    setup_logging,
+)
 from moefy.errors import ConfigError
 
 ADV = "Advanced (a preset sets these)"
@@ -88,17 +98,17 @@ def convert(
     seq_len: Optional[int] = typer.Option(None, help="Tokens per block.", rich_help_panel=ADV),
     seed: Optional[int] = typer.Option(None, help="Seeds grouping and router training.", rich_help_panel=ADV),
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Evaluate dense vs MoE after converting."),
-    eval_data: str = typer.Option("wiki-sample:heldout", help="Held-out text for --eval."),
-    eval_tokens: int = typer.Option(8192, help="Held-out tokens for --eval."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the evaluation as JSON here."),
-    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+    eval_data: str = EVAL_DATA,
+    eval_tokens: int = EVAL_TOKENS,
+    json_out: Optional[Path] = EVAL_JSON,
+    overwrite: bool = OVERWRITE_OUT,
     layerwise: bool = CONVERT_LAYERWISE,
     propagate: str = CONVERT_PROPAGATE,
     device: str = typer.Option("cpu", help="--layerwise: where blocks run: cpu or cuda.", rich_help_panel=ADV),
     dtype: str = CONVERT_DTYPE,
     offload: bool = CONVERT_OFFLOAD,
     resume: bool = typer.Option(False, help="--layerwise: continue an interrupted conversion from <out>.partial/."),
-    verbose: bool = typer.Option(False, "-v", "--verbose"),
+    verbose: bool = VERBOSE,
 ):
     """Convert a dense model into an MoE model and save it (then evaluate it, by default).
     With no flags but --model, the recommended preset (balanced)."""

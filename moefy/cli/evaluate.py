@@ -8,7 +8,22 @@ from typing import Optional
 import typer
 
 from moefy.cli.prune import report_pruned
-from moefy.cli.common import DENSE_PROMPT_FROM, ROUTER_APPROX, ROUTER_CHANNELS, ROUTER_REUSE, ROUTER_THRESHOLD, open_run, report_eval, run_command, run_info_for, setup_logging
+from moefy.cli.common import (
+    DENSE_PROMPT_FROM,
+    OVERWRITE_JSON,
+    OVERWRITE_OUT,
+    RESULT_JSON,
+    ROUTER_APPROX,
+    ROUTER_CHANNELS,
+    ROUTER_REUSE,
+    ROUTER_THRESHOLD,
+    VERBOSE,
+    open_run,
+    report_eval,
+    run_command,
+    run_info_for,
+    setup_logging,
+)
 
 def eval_cmd(
     run: Path = typer.Argument(..., help="A folder written by `moefy convert`."),
@@ -23,9 +38,9 @@ def eval_cmd(
     router_reuse: Optional[bool] = ROUTER_REUSE,
     router_threshold: Optional[bool] = ROUTER_THRESHOLD,
     oracle: bool = typer.Option(False, help="Also score the same experts with perfect routing."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON here."),
-    overwrite: bool = typer.Option(False, help="Replace an existing --json file."),
-    verbose: bool = typer.Option(False, "-v", "--verbose"),
+    json_out: Optional[Path] = RESULT_JSON,
+    overwrite: bool = OVERWRITE_JSON,
+    verbose: bool = VERBOSE,
 ):
     """Held-out perplexity and FFN FLOPs of the dense and the MoE model, side by side."""
     setup_logging(verbose)
@@ -104,7 +119,7 @@ def lm_eval_task_cmd(
     data: str = typer.Argument("wiki-sample:heldout", help="Text: wiki-sample, pydoc (with :heldout ...), .txt or .jsonl."),
     out: Path = typer.Option(..., help="Folder for NAME.yaml and NAME.jsonl (lm_eval --include_path)."),
     name: Optional[str] = typer.Option(None, help="Task name (default: moefy_ + the data spec)."),
-    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+    overwrite: bool = OVERWRITE_OUT,
 ):
     """Write a local lm-evaluation-harness perplexity task over moefy text (no hub needed)."""
     def body():
@@ -137,8 +152,8 @@ def sweep(
     router_loss: str = typer.Option("log-norm", help="mlp router target: log-norm, norm or bce."),
     budget: str = typer.Option("uniform", help="Per-layer top-k: uniform or sensitivity (see convert --help)."),
     seed: int = typer.Option(0),
-    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
-    verbose: bool = typer.Option(False, "-v", "--verbose"),
+    overwrite: bool = OVERWRITE_OUT,
+    verbose: bool = VERBOSE,
 ):
     """Quality vs FFN compute for several variants on one model: JSON, a PNG plot and a table."""
     setup_logging(verbose)
@@ -214,8 +229,8 @@ def frontier_cmd(
     eval_tokens: int = typer.Option(4096, help="Held-out tokens per domain."),
     threads: int = typer.Option(1, help="torch threads for the timings."),
     rounds: int = typer.Option(3, help="Interleaved dense/MoE rounds per timing."),
-    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
-    verbose: bool = typer.Option(False, "-v", "--verbose"),
+    overwrite: bool = OVERWRITE_OUT,
+    verbose: bool = VERBOSE,
 ):
     """The speed frontier: each preset converted, then perplexity on two domains and decode /
     prefill speed against dense, in one run; a table, a plot and the JSON."""

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from moefy.cli.common import open_run, run_command, setup_logging
+from moefy.cli.common import OVERWRITE_JSON, RESULT_JSON, THREADS, VERBOSE, open_run, run_command, setup_logging
 from moefy.errors import ConfigError
 
 
@@ -44,9 +44,9 @@ def pregate_cmd(
     tokens: int = typer.Option(8192, help="Held-out tokens."),
     seq_len: int = typer.Option(256, help="Tokens per block."),
     out: Optional[Path] = typer.Option(None, help="Also save the pre-gated model here."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON here."),
+    json_out: Optional[Path] = RESULT_JSON,
     overwrite: bool = typer.Option(False, help="Replace existing --out / --json."),
-    verbose: bool = typer.Option(False, "-v", "--verbose"),
+    verbose: bool = VERBOSE,
 ):
     """Per-layer vs pre-gated routers (each layer's router reads the previous layer's input) on the same experts."""
     setup_logging(verbose)
@@ -98,10 +98,10 @@ def offload_cmd(
     calib_tokens: int = typer.Option(16384, help="Calibration tokens for those routers."),
     store_dir: Path = typer.Option(Path("."), help="Folder for the temporary expert file (the slow tier); "
                                                   "on a tmpfs reads cannot bypass the page cache."),
-    threads: int = typer.Option(1, help="torch threads."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON here."),
-    overwrite: bool = typer.Option(False, help="Replace an existing --json file."),
-    verbose: bool = typer.Option(False, "-v", "--verbose"),
+    threads: int = THREADS,
+    json_out: Optional[Path] = RESULT_JSON,
+    overwrite: bool = OVERWRITE_JSON,
+    verbose: bool = VERBOSE,
 ):
     """Experts offloaded to a file (read with O_DIRECT) behind per-layer caches: LRU vs LRU + pre-gated lookahead."""
     setup_logging(verbose)
@@ -171,10 +171,10 @@ def core_cmd(
                                              "pay for) or k (top-k)."),
     speed_tokens: int = typer.Option(128, help="Greedy decode tokens for the speed comparison (0: skip)."),
     rounds: int = typer.Option(3, help="Interleaved speed rounds."),
-    threads: int = typer.Option(1, help="torch threads."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON here."),
-    overwrite: bool = typer.Option(False, help="Replace an existing --json file."),
-    verbose: bool = typer.Option(False, "-v", "--verbose"),
+    threads: int = THREADS,
+    json_out: Optional[Path] = RESULT_JSON,
+    overwrite: bool = OVERWRITE_JSON,
+    verbose: bool = VERBOSE,
 ):
     """Core experts (CoreInfer): each prompt's most-selected experts, fixed for the whole decode, vs per-token routing."""
     setup_logging(verbose)

@@ -7,7 +7,16 @@ from typing import Optional
 
 import typer
 
-from moefy.cli.common import run_command, run_info_for, setup_logging
+from moefy.cli.common import (
+    EVAL_DATA,
+    EVAL_JSON,
+    EVAL_TOKENS,
+    OVERWRITE_OUT,
+    VERBOSE,
+    run_command,
+    run_info_for,
+    setup_logging,
+)
 from moefy.errors import ConfigError
 
 def prune_cmd(
@@ -23,11 +32,11 @@ def prune_cmd(
     seed: int = typer.Option(0),
     out: Path = typer.Option(Path("runs/smol-pruned"), help="Output folder."),
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Dense vs pruned perplexity on held-out text."),
-    eval_data: str = typer.Option("wiki-sample:heldout", help="Held-out text for --eval."),
-    eval_tokens: int = typer.Option(8192, help="Held-out tokens for --eval."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the evaluation as JSON here."),
-    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
-    verbose: bool = typer.Option(False, "-v", "--verbose"),
+    eval_data: str = EVAL_DATA,
+    eval_tokens: int = EVAL_TOKENS,
+    json_out: Optional[Path] = EVAL_JSON,
+    overwrite: bool = OVERWRITE_OUT,
+    verbose: bool = VERBOSE,
 ):
     """One-shot pruning of every FFN (SparseGPT, Wanda, magnitude), or Sparse Expansion with --experts > 1."""
     setup_logging(verbose)

@@ -7,7 +7,22 @@ from typing import Optional
 
 import typer
 
-from moefy.cli.common import ROUTER_APPROX, ROUTER_CHANNELS, ROUTER_REUSE, ROUTER_THRESHOLD, open_run, report_eval, run_command, run_info_for, setup_logging
+from moefy.cli.common import (
+    EVAL_DATA,
+    EVAL_JSON,
+    EVAL_TOKENS,
+    OVERWRITE_OUT,
+    ROUTER_APPROX,
+    ROUTER_CHANNELS,
+    ROUTER_REUSE,
+    ROUTER_THRESHOLD,
+    VERBOSE,
+    open_run,
+    report_eval,
+    run_command,
+    run_info_for,
+    setup_logging,
+)
 from moefy.errors import ConfigError
 
 TUNE_MINUTES = typer.Option(30.0, help="Wall-clock budget in minutes (with --tokens: whichever ends first).")
@@ -53,11 +68,11 @@ def tune(
     hidden_loss: float = TUNE_HIDDEN_LOSS,
     recompute: bool = TUNE_RECOMPUTE,
     evaluate: bool = TUNE_EVALUATE,
-    eval_data: str = typer.Option("wiki-sample:heldout", help="Held-out text for --eval."),
-    eval_tokens: int = typer.Option(8192, help="Held-out tokens for --eval."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the evaluation as JSON here."),
-    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
-    verbose: bool = typer.Option(False, "-v", "--verbose"),
+    eval_data: str = EVAL_DATA,
+    eval_tokens: int = EVAL_TOKENS,
+    json_out: Optional[Path] = EVAL_JSON,
+    overwrite: bool = OVERWRITE_OUT,
+    verbose: bool = VERBOSE,
 ):
     """Recovery tuning: distil the MoE model toward the dense model within a time or token budget."""
     setup_logging(verbose)

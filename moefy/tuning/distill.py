@@ -40,6 +40,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import psutil
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
@@ -276,26 +277,14 @@ def memory_needed(m: MoEModel, cfg: TuneConfig) -> dict[str, int]:
             "activations": saved + logits}
 
 
-def available_memory() -> int | None:
-    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def check_memory(m: MoEModel, cfg: TuneConfig, available: int | None = None):
     """Refuse, before any work, a tuning run that cannot fit in the free memory (CPU), saying
     which settings shrink it."""
     if next(m.model.parameters()).device.type != "cpu":
         return
-    available = available_memory() if available is None else available
+    available = psutil.virtual_memory().available if available is None else available
     need = memory_needed(m, cfg)
-    if available is None or sum(need.values()) <= available:
+    if sum(need.values()) <= available:
         return
     parts = ", ".join(f"{k} {v / 2**30:.1f}" for k, v in need.items())
     hints = [h for h, on in (("--train down", cfg.train != "down"), ("--recompute", not cfg.recompute),

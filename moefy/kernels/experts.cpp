@@ -71,30 +71,6 @@ inline void dots(const float* __restrict x, const float* const* w, int64_t D, fl
 #endif
 }
 
-// dots<R> that also prefetches the R rows `next` (the following call's) while it streams these.
-template <int R>
-inline void dots_prefetch(const float* __restrict x, const float* const* w, const float* const* next, int64_t D,
-                          float* out) {
-#if defined(__AVX512F__)
-  __m512 acc[R];
-  for (int j = 0; j < R; ++j) acc[j] = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= D; i += 16) {
-    for (int j = 0; j < R; ++j) _mm_prefetch(reinterpret_cast<const char*>(next[j] + i), _MM_HINT_T0);
-    const __m512 xv = _mm512_loadu_ps(x + i);
-    for (int j = 0; j < R; ++j) acc[j] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w[j] + i), acc[j]);
-  }
-  for (int j = 0; j < R; ++j) {
-    float v = _mm512_reduce_add_ps(acc[j]);
-    for (int64_t k = i; k < D; ++k) v += x[k] * w[j][k];
-    out[j] = v;
-  }
-#else
-  (void)next;
-  dots<R>(x, w, D, out);
-#endif
-}
-
 // Two tokens against the same R rows: each row chunk loaded once feeds both tokens.
 template <int R>
 inline void dots2(const float* __restrict x0, const float* __restrict x1, const float* const* w, int64_t D,
@@ -829,18 +805,14 @@ void moefy_q4_moe(int64_t T, int64_t D, int64_t I, int64_t K, int64_t KB, const 
     down.clear();
     for (size_t j = 0; j < exact.size(); j += 4) {  // four neurons' gate and up rows per pass over x
       const float* p[8];
-      const float* next[8];
       float g[8];
       const size_t m = std::min<size_t>(4, exact.size() - j);
       for (size_t k = 0; k < 4; ++k) {
         const int64_t i = exact[j + std::min(k, m - 1)];
         p[k] = w_in + i * D;
         p[4 + k] = w_up ? w_up + i * D : w_in + i * D;
-        const int64_t n = exact[std::min(j + 4 + k, exact.size() - 1)];
-        next[k] = w_in + n * D;
-        next[4 + k] = w_up ? w_up + n * D : w_in + n * D;
       }
-      dots_prefetch<8>(xt, p, next, D, g);
+      dots<8>(xt, p, D, g);
       for (size_t k = 0; k < m; ++k) {
         const int64_t i = exact[j + k];
         hv.push_back(activate(g[k] + (b_in ? b_in[i] : 0.0f), act) * (w_up ? g[4 + k] : 1.0f));

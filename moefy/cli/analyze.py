@@ -7,16 +7,8 @@ from typing import Optional
 
 import typer
 
-from moefy.cli.common import (
-    OVERWRITE_FILES,
-    OVERWRITE_OUT,
-    VERBOSE,
-    open_run,
-    run_command,
-    run_info_for,
-    setup_logging,
-    write_plot,
-)
+from moefy.cli.common import (OVERWRITE_FILES, OVERWRITE_OUT, VERBOSE, open_run, run_command, run_info_for,
+                              setup_logging, write_plot)
 from moefy.errors import ConfigError
 
 def wasserstein_cmd(

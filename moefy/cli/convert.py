@@ -8,17 +8,8 @@ from typing import Optional
 
 import typer
 
-from moefy.cli.common import (
-    EVAL_DATA,
-    EVAL_JSON,
-    EVAL_TOKENS,
-    OVERWRITE_OUT,
-    VERBOSE,
-    report_eval,
-    run_command,
-    run_info_for,
-    setup_logging,
-)
+from moefy.cli.common import (EVAL_DATA, EVAL_JSON, EVAL_TOKENS, OVERWRITE_OUT, VERBOSE, report_eval, run_command,
+                              run_info_for, setup_logging)
 from moefy.errors import ConfigError
 
 ADV = "Advanced (a preset sets these)"

@@ -8,22 +8,9 @@ from typing import Optional
 import typer
 
 from moefy.cli.prune import report_pruned
-from moefy.cli.common import (
-    DENSE_PROMPT_FROM,
-    OVERWRITE_JSON,
-    OVERWRITE_OUT,
-    RESULT_JSON,
-    ROUTER_APPROX,
-    ROUTER_CHANNELS,
-    ROUTER_REUSE,
-    ROUTER_THRESHOLD,
-    VERBOSE,
-    open_run,
-    report_eval,
-    run_command,
-    run_info_for,
-    setup_logging,
-)
+from moefy.cli.common import (DENSE_PROMPT_FROM, OVERWRITE_JSON, OVERWRITE_OUT, RESULT_JSON, ROUTER_APPROX,
+                              ROUTER_CHANNELS, ROUTER_REUSE, ROUTER_THRESHOLD, VERBOSE, open_run, report_eval,
+                              run_command, run_info_for, setup_logging)
 
 def eval_cmd(
     run: Path = typer.Argument(..., help="A folder written by `moefy convert`."),

@@ -7,16 +7,8 @@ from typing import Optional
 
 import typer
 
-from moefy.cli.common import (
-    EVAL_DATA,
-    EVAL_JSON,
-    EVAL_TOKENS,
-    OVERWRITE_OUT,
-    VERBOSE,
-    run_command,
-    run_info_for,
-    setup_logging,
-)
+from moefy.cli.common import (EVAL_DATA, EVAL_JSON, EVAL_TOKENS, OVERWRITE_OUT, VERBOSE, run_command, run_info_for,
+                              setup_logging)
 from moefy.errors import ConfigError
 
 def prune_cmd(

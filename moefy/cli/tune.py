@@ -7,22 +7,9 @@ from typing import Optional
 
 import typer
 
-from moefy.cli.common import (
-    EVAL_DATA,
-    EVAL_JSON,
-    EVAL_TOKENS,
-    OVERWRITE_OUT,
-    ROUTER_APPROX,
-    ROUTER_CHANNELS,
-    ROUTER_REUSE,
-    ROUTER_THRESHOLD,
-    VERBOSE,
-    open_run,
-    report_eval,
-    run_command,
-    run_info_for,
-    setup_logging,
-)
+from moefy.cli.common import (EVAL_DATA, EVAL_JSON, EVAL_TOKENS, OVERWRITE_OUT, ROUTER_APPROX, ROUTER_CHANNELS,
+                              ROUTER_REUSE, ROUTER_THRESHOLD, VERBOSE, open_run, report_eval, run_command,
+                              run_info_for, setup_logging)
 from moefy.errors import ConfigError
 
 TUNE_MINUTES = typer.Option(30.0, help="Wall-clock budget in minutes (with --tokens: whichever ends first).")

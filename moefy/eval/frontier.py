@@ -10,6 +10,7 @@ from __future__ import annotations
 from moefy import presets
 from moefy.eval import bench
 from moefy.eval.evaluate import evaluate
+from moefy.eval.sweep import finish_plot
 from moefy.pipeline import data as data_mod
 from moefy.pipeline import load as models
 from moefy.pipeline.convert import convert
@@ -98,12 +99,7 @@ def plot(rows: list[dict], path, title: str = ""):
     ax.set_yscale("log")
     ax.set_xlabel("decode speedup over dense (time per new token; open markers: bandwidth ceiling)")
     ax.set_ylabel(f"held-out PPL / dense PPL ({DOMAINS[0]})")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish_plot(fig, ax, path, title)
 
 
 __all__ = ["DOMAINS", "bandwidth_ceiling", "frontier", "markdown", "plot"]

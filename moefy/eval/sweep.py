@@ -118,6 +118,13 @@ def plot(rows: list[dict], path, title: str = ""):
     ax.set_yscale("log")
     ax.set_xlabel("FFN MFLOPs per token (router counted)")
     ax.set_ylabel("held-out PPL / dense PPL" if lm else "1 - cosine to dense (last hidden state)")
+    finish_plot(fig, ax, path, title)
+
+
+def finish_plot(fig, ax, path, title: str):
+    """Grid, title and legend, then the figure saved to `path` and closed (sweep and frontier plots)."""
+    import matplotlib.pyplot as plt
+
     ax.grid(True, which="both", alpha=0.3)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)

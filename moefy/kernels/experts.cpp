@@ -205,40 +205,8 @@ inline void down_rows(const float* h, const float* const* rows, int64_t count, i
 }
 
 
-// y[0:D] = sum_j h[j] * rows[j][0:D], row after row (each row read front to back, as the hardware
-// prefetcher likes; y stays in L1), eight rows per pass, the next eight prefetched meanwhile.
-inline void down_stream(const float* h, const float* const* rows, int64_t count, int64_t D, float* __restrict y) {
-  std::fill(y, y + D, 0.0f);
-  int64_t j = 0;
-#if defined(__AVX512F__)
-  for (; j + 8 <= count; j += 8) {
-    __m512 hv[8];
-    const float* r[8];
-    for (int k = 0; k < 8; ++k) {
-      hv[k] = _mm512_set1_ps(h[j + k]);
-      r[k] = rows[j + k];
-    }
-    const float* const* next = rows + std::min<int64_t>(j + 8, count - 8);
-    int64_t c = 0;
-    for (; c + 16 <= D; c += 16) {
-      for (int k = 0; k < 8; ++k) _mm_prefetch(reinterpret_cast<const char*>(next[k] + c), _MM_HINT_T0);
-      __m512 a = _mm512_loadu_ps(y + c);
-      for (int k = 0; k < 8; ++k) a = _mm512_fmadd_ps(hv[k], _mm512_loadu_ps(r[k] + c), a);
-      _mm512_storeu_ps(y + c, a);
-    }
-    for (; c < D; ++c)
-      for (int k = 0; k < 8; ++k) y[c] += h[j + k] * r[k][c];
-  }
-#endif
-  for (; j < count; ++j) {
-    const float* a = rows[j];
-    const float v = h[j];
-#pragma omp simd
-    for (int64_t c = 0; c < D; ++c) y[c] += v * a[c];
-  }
-}
-
-// y[lo:hi] += sum_j v[j] * rows[j][lo:hi] for gathered rows, four at a time.
+// y[lo:hi] += sum_j v[j] * rows[j][lo:hi] for gathered rows, four at a time: each row read front
+// to back (a stream the hardware prefetcher follows) into a y that stays in L1.
 inline void axpy_gathered(const float* v, const float* const* rows, int64_t count, int64_t lo, int64_t hi,
                           float* __restrict y) {
   int64_t j = 0;
@@ -823,7 +791,8 @@ void moefy_q4_moe(int64_t T, int64_t D, int64_t I, int64_t K, int64_t KB, const 
       hv.push_back(ht[i]);
       down.push_back(w_out + i * D);
     }
-    down_stream(hv.data(), down.data(), (int64_t)down.size(), D, y + t * D);
+    std::fill(y + t * D, y + (t + 1) * D, 0.0f);
+    axpy_gathered(hv.data(), down.data(), (int64_t)down.size(), 0, D, y + t * D);
   }
 }
 

@@ -181,15 +181,15 @@ class Kernels:
         weights = (router.q_in.shape[0], k, sketched)
         pointers = (router.q_in.data_ptr(), router.s_in.data_ptr(), _ptr(router.q_up), _ptr(router.s_up),
                     norms.data_ptr(), _ptr(thr), w_in, w_up, b_in, w_out, args.experts_tail[-1])
-        call, threads, keep = self._q4_moe, torch.get_num_threads(), (router, norms, thr, args)
+        call, threads = self._q4_moe, torch.get_num_threads()
 
         def step(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-            assert keep  # the tensors behind the pointers live as long as the step
             y = torch.empty_like(x)
             counts.zero_()
             call(x.shape[0], x.shape[1], *weights, x.data_ptr(), *pointers, y.data_ptr(), counts.data_ptr(), threads)
             exact, approx = counts.tolist()
             return y, exact, approx
+        step.tensors = (router, norms, thr, args)  # what the pointers point into lives as long as the step
         return step
 
     def sketch_experts(self, args: "LayerArgs", x: torch.Tensor, kept: torch.Tensor, gp: torch.Tensor,

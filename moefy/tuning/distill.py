@@ -51,7 +51,7 @@ from moefy.model import MoEModel
 from moefy.errors import ConfigError
 from moefy.io import replace_path
 from moefy.pipeline.route import router_objective, router_targets
-from moefy.tuning.params import TRAINABLE, _ffn_parameter_ids, check_memory, memory_needed, trainable_parameters  # noqa: F401
+from moefy.tuning.params import _ffn_parameter_ids, check_memory, trainable_parameters
 
 log = logging.getLogger(__name__)
 

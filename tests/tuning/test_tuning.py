@@ -13,7 +13,8 @@ from moefy.errors import ConfigError
 from moefy.eval.evaluate import perplexity
 from moefy.pipeline.route import router_objective, router_targets
 from moefy.tuning import distill as tuning
-from moefy.tuning.distill import TuneConfig, fingerprint, trainable_parameters, tune
+from moefy.tuning.distill import TuneConfig, fingerprint, tune
+from moefy.tuning.params import check_memory, memory_needed, trainable_parameters
 
 from conftest import outputs, tiny_model
 
@@ -386,10 +387,10 @@ def test_recompute_gives_the_same_steps(base):
 
 
 def test_a_run_that_cannot_fit_is_refused_before_any_work(converted):
-    need = tuning.memory_needed(converted, cfg())
+    need = memory_needed(converted, cfg())
     assert need["gradients and optimizer"] == 3 * sum(p.numel() * 4 for p in trainable_parameters(converted, "ffn").values())
-    small = tuning.memory_needed(converted, cfg(train="down", recompute=True, batch_size=1))
+    small = memory_needed(converted, cfg(train="down", recompute=True, batch_size=1))
     assert small["gradients and optimizer"] < need["gradients and optimizer"] and small["activations"] < need["activations"]
     with pytest.raises(ConfigError, match="--train down, --recompute, a smaller --batch-size"):
-        tuning.check_memory(converted, cfg(), available=sum(need.values()) - 1)
-    tuning.check_memory(converted, cfg(), available=sum(need.values()))
+        check_memory(converted, cfg(), available=sum(need.values()) - 1)
+    check_memory(converted, cfg(), available=sum(need.values()))

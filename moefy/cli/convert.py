@@ -11,14 +11,16 @@ import typer
 from moefy.cli.common import (EVAL_DATA, EVAL_JSON, EVAL_TOKENS, OVERWRITE_OUT, VERBOSE, report_eval, run_command,
                               run_info_for, setup_logging)
 from moefy.errors import ConfigError
+from moefy.presets import DEFAULT, names
 
 ADV = "Advanced (a preset sets these)"
 
 
 CONVERT_CALIB = typer.Option(None, help="Calibration text: wiki-sample, pydoc, a .txt or .jsonl file, or a mixture with equal shares (wiki-sample+pydoc).")
-CONVERT_PRESET = typer.Option(None, help="Recipe: balanced (the default), half, fast, sketch, quarter, moefication, "
-                                         "or a .json preset file; `moefy presets` lists them with their results. "
-                                         "Flags below override its settings.")
+CONVERT_PRESET = typer.Option(None, help=f"Recipe: {DEFAULT} (the default), "
+                                         f"{', '.join(n for n in names() if n != DEFAULT)}, or a .json preset file; "
+                                         "`moefy presets` lists them with their results. Flags below override its "
+                                         "settings.")
 CONVERT_EXPERT_SIZE = typer.Option(None, help="Neurons per expert (fits any FFN width; 1 = single-neuron experts).")
 CONVERT_EXPERTS = typer.Option(None, help="Expert slots per FFN instead of --expert-size (shared slots included); must divide the FFN width.", rich_help_panel=ADV)
 CONVERT_ACTIVE = typer.Option(None, help="Target share of FFN compute per token, router counted, in (0, 1].")
